@@ -1,0 +1,1 @@
+"""ebca_client."""
