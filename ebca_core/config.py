@@ -1,0 +1,175 @@
+"""User-facing configuration objects: BCU step sizes, editorial prompts (CACAO), inversion."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ebca_core.errors import InvalidInputError
+from ebca_core.schedules import Schedule, as_schedule
+
+GammaValue = float | Schedule | Sequence[float]
+
+
+def _check_number(value: object, name: str, *, minimum: float | None = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(f"must be a number, got {type(value).__name__}", field=name)
+    if not math.isfinite(value):
+        raise InvalidInputError(f"must be finite, got {value}", field=name)
+    if minimum is not None and value < minimum:
+        raise InvalidInputError(f"must be >= {minimum}, got {value}", field=name)
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    """Bayesian Context Update on the main prompt (EBCA_SPEC.md, "Bayesian Context Update").
+
+    ``gamma_attn`` and ``gamma_norm`` are numbers (constant over the run), :class:`Schedule` objects,
+    or explicit per-U-Net-call lists. ``token_weights`` maps token indices of the tokenized prompt
+    (0 = start token) or words of the prompt to a step-size multiplier applied to that token's
+    attention update on the conditional half of the batch.
+    """
+
+    gamma_attn: GammaValue = 0.0
+    gamma_norm: GammaValue = 0.0
+    token_weights: Mapping[int | str, float] | None = None
+
+    def attn_schedule(self) -> Schedule:
+        return as_schedule(self.gamma_attn, "energy.gamma_attn")
+
+    def norm_schedule(self) -> Schedule:
+        return as_schedule(self.gamma_norm, "energy.gamma_norm")
+
+    def validate(self, num_inference_steps: int | None = None, num_calls: int | None = None) -> None:
+        attn, norm = self.attn_schedule(), self.norm_schedule()
+        if num_inference_steps is not None:
+            calls = num_calls if num_calls is not None else num_inference_steps
+            attn.validate(num_inference_steps, calls, "energy.gamma_attn")
+            norm.validate(num_inference_steps, calls, "energy.gamma_norm")
+        for name, sched in (("energy.gamma_attn", attn), ("energy.gamma_norm", norm)):
+            if sched.kind != "explicit":
+                _check_number(sched.value, name)
+        for key, weight in (self.token_weights or {}).items():
+            name = f"energy.token_weights.{key}"
+            if isinstance(key, bool) or not isinstance(key, int | str):
+                raise InvalidInputError("keys must be token indices or words", field=name)
+            if isinstance(key, int) and key < 0:
+                raise InvalidInputError("token index must be >= 0", field=name)
+            _check_number(weight, name)
+
+    def is_active(self, num_inference_steps: int, num_calls: int) -> bool:
+        return not (
+            self.attn_schedule().is_zero(num_calls, num_inference_steps)
+            and self.norm_schedule().is_zero(num_calls, num_inference_steps)
+        )
+
+
+@dataclass(frozen=True)
+class EditorialPrompt:
+    """One CACAO editorial prompt (EBCA_SPEC.md, "CACAO").
+
+    Numbers for ``alpha`` and the gammas become step schedules that switch on at ``alpha_tau`` (the
+    gammas at ``gamma_tau``, which defaults to ``alpha_tau``), as in the paper's editing recipes. A
+    :class:`Schedule` (or an explicit list) is used as given.
+    """
+
+    prompt: str
+    alpha: float | Schedule | Sequence[float] = 1.0
+    direction: Literal["and", "not"] = "and"
+    alpha_tau: float = 0.0
+    gamma_attn: float | Schedule | Sequence[float] = 0.0
+    gamma_norm: float | Schedule | Sequence[float] = 0.0
+    gamma_tau: float | None = None
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.direction == "and" else -1.0
+
+    def _scheduled(self, value: float | Schedule | Sequence[float], tau: float, name: str) -> Schedule:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            _check_number(value, name)
+            return Schedule.step(float(value), tau)
+        return as_schedule(value, name)
+
+    def alpha_schedule(self) -> Schedule:
+        return self._scheduled(self.alpha, self.alpha_tau, "alpha")
+
+    def gamma_schedules(self) -> tuple[Schedule, Schedule]:
+        tau = self.alpha_tau if self.gamma_tau is None else self.gamma_tau
+        return (
+            self._scheduled(self.gamma_attn, tau, "gamma_attn"),
+            self._scheduled(self.gamma_norm, tau, "gamma_norm"),
+        )
+
+    def validate(
+        self, index: int, num_inference_steps: int | None = None, num_calls: int | None = None
+    ) -> None:
+        prefix = f"edits[{index}]"
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidInputError("editorial prompt must be a non-empty string", field=f"{prefix}.prompt")
+        if self.direction not in ("and", "not"):
+            raise InvalidInputError(
+                f"direction must be 'and' or 'not', got {self.direction!r}", field=f"{prefix}.direction"
+            )
+        for name, tau in (("alpha_tau", self.alpha_tau), ("gamma_tau", self.gamma_tau)):
+            if tau is None:
+                continue
+            _check_number(tau, f"{prefix}.{name}")
+            if tau > 1:
+                raise InvalidInputError(f"must be in [0, 1], got {tau}", field=f"{prefix}.{name}")
+        try:
+            schedules = {"alpha": self.alpha_schedule()}
+            schedules["gamma_attn"], schedules["gamma_norm"] = self.gamma_schedules()
+        except InvalidInputError as exc:
+            raise InvalidInputError(exc.message, field=f"{prefix}.{exc.field}") from exc
+        if num_inference_steps is not None:
+            calls = num_calls if num_calls is not None else num_inference_steps
+            for name, sched in schedules.items():
+                sched.validate(num_inference_steps, calls, f"{prefix}.{name}")
+
+
+def check_cacao_normaliser(
+    edits: Sequence[EditorialPrompt], num_inference_steps: int, num_calls: int
+) -> None:
+    """Reject alpha combinations whose normaliser ``1 + sum(sign * alpha)`` is not positive.
+
+    EBCA_SPEC.md, CACAO: the combined output is divided by this normaliser at every step, so it must
+    be > 0 at every U-Net call (the original implementation does not check).
+    """
+    if not edits:
+        return
+    alphas = [(e.sign, e.alpha_schedule()) for e in edits]
+    for i in range(num_calls):
+        denom = 1.0 + sum(sign * sched(i, num_inference_steps) for sign, sched in alphas)
+        if denom <= 0.0:
+            raise InvalidInputError(
+                f"the CACAO normaliser 1 + sum(sign * alpha) is {denom:g} at step {i}; it must be > 0 "
+                "(lower the alphas of the 'not' prompts)",
+                field="edits",
+            )
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """DDIM inversion for real-image editing (EBCA_SPEC.md, "Real-image editing").
+
+    ``regularize`` turns on the pix2pix-zero noise regularisation during inversion: an
+    auto-correlation term (weight ``lambda_ac``, ``num_ac_rolls`` random rolls) and a KL term (weight
+    ``lambda_kl``), applied for ``num_reg_steps`` gradient steps per inversion step.
+    """
+
+    regularize: bool = False
+    lambda_ac: float = 20.0
+    lambda_kl: float = 20.0
+    num_reg_steps: int = 5
+    num_ac_rolls: int = 5
+
+    def validate(self) -> None:
+        _check_number(self.lambda_ac, "inversion.lambda_ac")
+        _check_number(self.lambda_kl, "inversion.lambda_kl")
+        for name in ("num_reg_steps", "num_ac_rolls"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"must be an integer >= 0, got {value!r}", field=f"inversion.{name}")
