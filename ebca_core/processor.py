@@ -370,7 +370,12 @@ class EBCACrossAttnProcessor:
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[tuple[str, Attention]]:
-    """The cross-attention modules of a U-Net in registration order (= call order for SD U-Nets)."""
+    """The cross-attention modules of a U-Net, in registration order.
+
+    Registration order is not call order (diffusers registers the mid block after the up blocks); the
+    cascade does not depend on it, because every processor reads and writes the shared running context
+    at the moment it is called.
+    """
     return [
         (name, module)
         for name, module in unet.named_modules()
