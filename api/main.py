@@ -1,0 +1,367 @@
+"""The FastAPI application: ``uvicorn api.main:app``.
+
+This module (and everything it imports) stays free of torch, ebca_core and worker, so the api image is
+small and starts fast; tests/api checks that in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from api.metrics import build_registry
+from api.service import CeleryPublisher, JobService, Publisher, Upload
+from ebca_common.errors import NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed
+from ebca_common.jobs import Job, JobStatus
+from ebca_common.settings import Settings, get_settings
+from ebca_common.specs import GenerateRequest, edit_request_adapter, field_path
+from ebca_common.storage import Storage, storage_from_settings
+from ebca_common.store import JobStore
+
+log = logging.getLogger("ebca.api")
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "description": "Stable error code (docs/API.md, Errors)."},
+                "message": {"type": "string", "description": "What went wrong, for humans."},
+                "field": {"type": "string", "description": "Dotted path of the field at fault, if one is."},
+            },
+            "required": ["code", "message"],
+        }
+    },
+}
+_ERRORS = {
+    code: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for code, text in {
+        404: "Unknown job or image.",
+        409: "Idempotency conflict, or cancel of a finished job.",
+        413: "Upload or body over the configured limit.",
+        422: "Invalid request; `field` names the field.",
+        429: "Queue full (Retry-After).",
+        503: "Redis or the queue unreachable (Retry-After); nothing was created.",
+    }.items()
+}
+
+
+def _error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+async def _read_limited(request: Request, limit: int, what: str) -> bytes:
+    """Read the body, refusing with 413 as soon as it passes ``limit`` (never buffering more)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"{what} of {declared} bytes is over the limit of {limit} bytes")
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise ValidationFailed("body: a JSON object is required", field=None)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"body: invalid JSON ({exc})", field=None) from None
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200 or not key.isprintable():
+        raise ValidationFailed(
+            "Idempotency-Key: must be 1 to 200 printable characters", field="Idempotency-Key"
+        )
+    return key
+
+
+def create_app(
+    settings: Settings | None = None,
+    store: JobStore | None = None,
+    storage: Storage | None = None,
+    publisher: Publisher | None = None,
+) -> FastAPI:
+    settings = settings or get_settings()
+    store = store or JobStore.from_settings(settings)
+    storage = storage or storage_from_settings(settings)
+    publisher = publisher or CeleryPublisher(settings)
+    service = JobService(settings, store, storage, publisher)
+    registry, http_requests = build_registry(store)
+
+    app = FastAPI(
+        title="EBCA Serve",
+        version="0.1.0",
+        description="Text-to-image generation and editing with energy-based cross-attention. "
+        "Jobs are queued and run by GPU workers; poll GET /jobs/{id}.",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.storage = storage
+    app.state.service = service
+
+    # -- errors: one body shape for everything -----------------------------------------------------------
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, Unavailable) and exc.retry_after is None:
+            exc.retry_after = settings.retry_after_seconds
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "path", "query", "header"))
+        path = field_path(loc) or None
+        return _error_response(ValidationFailed(f"{path}: {first.get('msg')}", field=path))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        return _error_response(
+            Unavailable(f"the job store is unreachable: {exc}", retry_after=settings.retry_after_seconds)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            {"error": {"code": "internal_error", "message": "internal error; see the api log"}},
+            status_code=500,
+        )
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        http_requests.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def _job_response(job: Job, status_code: int) -> JSONResponse:
+        return JSONResponse(
+            job.model_dump(mode="json"), status_code=status_code, headers={"Location": job.url}
+        )
+
+    @app.post(
+        "/generate",
+        status_code=202,
+        response_model=Job,
+        responses={200: {"model": Job, "description": "Idempotent replay: the existing job."}, **_ERRORS},
+        summary="Queue a text-to-image job",
+    )
+    async def generate(request: Request) -> JSONResponse:
+        key = _idempotency_key(request)
+        body = _parse_json(await _read_limited(request, settings.max_json_bytes, "the JSON body"))
+        submission = await run_in_threadpool(service.generate, body, key)
+        return _job_response(submission.job, 202 if submission.created else 200)
+
+    @app.post(
+        "/edit",
+        status_code=202,
+        response_model=Job,
+        responses={200: {"model": Job, "description": "Idempotent replay: the existing job."}, **_ERRORS},
+        summary="Queue an edit job (inpaint, real image, synthetic)",
+    )
+    async def edit(request: Request) -> JSONResponse:
+        key = _idempotency_key(request)
+        content_type = request.headers.get("content-type", "")
+        uploads: dict[str, Upload] = {}
+        if content_type.startswith("multipart/form-data"):
+            limit = 2 * settings.max_upload_bytes + settings.max_json_bytes + 64 * 1024
+            raw = await _read_limited(request, limit, "the multipart body")
+            body, uploads = await _parse_multipart(request, raw, settings)
+        elif content_type.startswith("application/json") or not content_type:
+            body = _parse_json(await _read_limited(request, settings.max_json_bytes, "the JSON body"))
+        else:
+            raise ValidationFailed(
+                f"content-type: expected application/json or multipart/form-data, got {content_type!r}",
+                field="content-type",
+            )
+        submission = await run_in_threadpool(service.edit, body, uploads, key)
+        return _job_response(submission.job, 202 if submission.created else 200)
+
+    @app.get("/jobs/{job_id}", response_model=Job, responses=_ERRORS, summary="A job's state and result")
+    def get_job(job_id: str) -> JSONResponse:
+        return JSONResponse(store.get(job_id).model_dump(mode="json"))
+
+    @app.delete(
+        "/jobs/{job_id}", status_code=202, response_model=Job, responses=_ERRORS, summary="Cancel a job"
+    )
+    def cancel_job(job_id: str) -> JSONResponse:
+        return JSONResponse(store.cancel(job_id).model_dump(mode="json"), status_code=202)
+
+    @app.get(
+        "/jobs/{job_id}/images/{index}",
+        responses={
+            200: {"description": "The image bytes (local store).", "content": {"image/png": {}}},
+            307: {"description": "Redirect to a presigned URL (S3 store)."},
+            **_ERRORS,
+        },
+        summary="Download a result image",
+    )
+    def get_image(job_id: str, index: int) -> Response:
+        record = store.require(job_id)
+        if record["status"] != JobStatus.SUCCEEDED:
+            raise NotFound(f"job {job_id!r} is {record['status']}; it has no images")
+        images = (record.get("result") or {}).get("images") or []
+        if not 0 <= index < len(images):
+            raise NotFound(f"job {job_id!r} has {len(images)} image(s); no image {index}")
+        image = images[index]
+        url = storage.presigned_url(image["key"])
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+        return Response(storage.get(image["key"]), media_type=image["content_type"])
+
+    # -- service ---------------------------------------------------------------------------------------
+    @app.get("/models", summary="Models that jobs may name")
+    def models() -> dict[str, Any]:
+        default = settings.default_model_id
+        return {"models": [{"id": mid, "default": mid == default} for mid in settings.model_table()]}
+
+    @app.get("/healthz", summary="The api process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Redis answers and at least one worker is alive", responses=_ERRORS)
+    def readyz() -> JSONResponse:
+        try:
+            store.ping()
+            workers = store.live_workers()
+        except Unavailable as exc:
+            exc.retry_after = settings.retry_after_seconds
+            return _error_response(exc)
+        if not workers:
+            return _error_response(
+                Unavailable("no live worker (no heartbeat)", retry_after=settings.retry_after_seconds)
+            )
+        return JSONResponse({"status": "ready", "workers": len(workers)})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _parse_multipart(request: Request, raw: bytes, settings: Settings) -> tuple[Any, dict[str, Upload]]:
+    async def body() -> AsyncIterator[bytes]:
+        yield raw
+
+    parser = MultiPartParser(
+        request.headers, body(), max_files=2, max_fields=1, max_part_size=settings.max_json_bytes
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ValidationFailed(f"body: malformed multipart request ({exc.message})", field=None) from None
+    uploads: dict[str, Upload] = {}
+    request_part: Any = None
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            if len(data) > settings.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"{name}: {len(data)} bytes is over the limit of {settings.max_upload_bytes} bytes",
+                    field=name,
+                )
+            uploads[name] = Upload(data, value.filename)
+        elif name == "request":
+            request_part = value
+        else:
+            raise ValidationFailed(
+                f"{name}: unexpected form field (send `request`, `image`, `mask`)", field=name
+            )
+    if request_part is None:
+        raise ValidationFailed(
+            "request: the part `request` (the JSON body as text) is required", field="request"
+        )
+    try:
+        return json.loads(request_part), uploads
+    except json.JSONDecodeError as exc:
+        raise ValidationFailed(f"request: invalid JSON ({exc})", field="request") from None
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the request bodies, which the handlers parse themselves (to bound the
+    body size while reading and to accept multipart on /edit)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    ref = "#/components/schemas/{model}"
+
+    def register(name: str, model_schema: dict[str, Any]) -> dict[str, str]:
+        components.update(model_schema.pop("$defs", {}))
+        components[name] = model_schema
+        return {"$ref": ref.format(model=name)}
+
+    gen_ref = register("GenerateRequest", GenerateRequest.model_json_schema(ref_template=ref))
+    edit_ref = register("EditRequest", edit_request_adapter.json_schema(ref_template=ref))
+    schema["paths"]["/generate"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": gen_ref}},
+    }
+    schema["paths"]["/edit"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": edit_ref},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["request"],
+                    "properties": {
+                        "request": {"type": "string", "description": "The JSON body (EditRequest) as text."},
+                        "image": {"type": "string", "format": "binary", "description": "Input image."},
+                        "mask": {"type": "string", "format": "binary", "description": "Inpaint mask."},
+                    },
+                }
+            },
+        },
+    }
+    for path in ("/generate", "/edit"):
+        schema["paths"][path]["post"].setdefault("parameters", []).append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "maxLength": 200},
+                "description": "Same key + same body returns the same job; a different body is a 409.",
+            }
+        )
+    app.openapi_schema = schema
+    return schema
+
+
+app = create_app()

@@ -1,0 +1,268 @@
+"""Job submission behind the HTTP layer: validation that needs the store, uploads, idempotency, enqueue.
+
+Everything here is synchronous (Redis and boto3 clients); the FastAPI handlers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+from PIL import Image
+
+from ebca_common.errors import Unavailable, ValidationFailed
+from ebca_common.images import check_mask, decode_image
+from ebca_common.jobs import Job
+from ebca_common.queueing import RUN_JOB_TASK, celery_config
+from ebca_common.refs import resolve_ref
+from ebca_common.settings import Settings
+from ebca_common.specs import (
+    ImageRef,
+    InpaintRequest,
+    RealEditRequest,
+    SyntheticEditRequest,
+    check_limits,
+    parse_edit,
+    parse_generate,
+)
+from ebca_common.storage import Storage
+from ebca_common.store import JobStore
+
+
+class Publisher(Protocol):
+    def publish(self, job_id: str) -> None: ...
+
+
+class CeleryPublisher:
+    """Sends the job id to the worker queue by task name (the api never imports the worker)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = Celery("ebca-api", set_as_current=False)
+        self.app.conf.update(celery_config(settings))
+
+    def publish(self, job_id: str) -> None:
+        try:
+            self.app.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue, retry=False)
+        except OperationalError as exc:
+            raise Unavailable(
+                f"the job queue is unreachable: {exc}", retry_after=self.settings.retry_after_seconds
+            ) from exc
+
+
+@dataclass
+class Upload:
+    """A file part of a multipart request, already read (size-checked) into memory."""
+
+    data: bytes
+    filename: str | None = None
+
+
+@dataclass
+class Submission:
+    job: Job
+    created: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(endpoint: str, body: Any, uploads: dict[str, Upload] | None = None) -> str:
+    """What "the same request" means for Idempotency-Key: the endpoint, the JSON (key order and
+    whitespace ignored) and the digests of any uploaded files."""
+    digest = hashlib.sha256()
+    digest.update(endpoint.encode())
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(uploads or {}):
+        digest.update(name.encode())
+        digest.update(hashlib.sha256(uploads[name].data).digest())  # type: ignore[index]
+    return digest.hexdigest()
+
+
+class JobService:
+    def __init__(self, settings: Settings, store: JobStore, storage: Storage, publisher: Publisher) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.publisher = publisher
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _fill_model(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("model") is None:
+            data["model"] = self.settings.default_model_id
+        return data
+
+    def _submit(
+        self,
+        *,
+        kind: str,
+        mode: str | None,
+        request: dict[str, Any],
+        total_steps: int,
+        job_id: str,
+        idempotency_key: str | None,
+        fp: str,
+        plan: dict[str, Any] | None = None,
+        inputs: dict[str, str] | None = None,
+    ) -> Submission:
+        idempotency = (idempotency_key, fp) if idempotency_key else None
+        job, created = self.store.create(
+            kind=kind,
+            mode=mode,
+            request=request,
+            total_steps=total_steps,
+            plan=plan,
+            inputs=inputs,
+            job_id=job_id,
+            idempotency=idempotency,
+        )
+        if created:
+            try:
+                self.publisher.publish(job.id)
+            except Exception:
+                # The job was never queued: remove it so no client ever sees a job that cannot run.
+                self.store.discard(job.id, idempotency_key)
+                raise
+        return Submission(job, created)
+
+    def _replay(self, idempotency_key: str | None, fp: str) -> Submission | None:
+        """Answer a retried request before doing any work (uploads) for it."""
+        if not idempotency_key:
+            return None
+        job = self.store.lookup_idempotent(idempotency_key, fp)
+        return Submission(job, False) if job else None
+
+    # -- POST /generate ----------------------------------------------------------------------------------
+    def generate(self, body: Any, idempotency_key: str | None) -> Submission:
+        request = parse_generate(body)
+        check_limits(request, self.settings)
+        fp = fingerprint("/generate", body)
+        replay = self._replay(idempotency_key, fp)
+        if replay:
+            return replay
+        data = self._fill_model(request.model_dump(mode="json"))
+        return self._submit(
+            kind="generate",
+            mode=None,
+            request=data,
+            total_steps=request.steps,
+            job_id=uuid.uuid4().hex,
+            idempotency_key=idempotency_key,
+            fp=fp,
+        )
+
+    # -- POST /edit ------------------------------------------------------------------------------------
+    def edit(self, body: Any, uploads: dict[str, Upload], idempotency_key: str | None) -> Submission:
+        request = parse_edit(body)
+        check_limits(request, self.settings)
+        fp = fingerprint("/edit", body, uploads)
+        unknown = sorted(set(uploads) - {"image", "mask"})
+        if unknown:
+            raise ValidationFailed(
+                f"{unknown[0]}: unexpected file part (send image and/or mask)", field=unknown[0]
+            )
+        replay = self._replay(idempotency_key, fp)
+        if replay:
+            return replay
+        job_id = uuid.uuid4().hex
+        if isinstance(request, SyntheticEditRequest):
+            if uploads:
+                name = sorted(uploads)[0]
+                raise ValidationFailed(f"{name}: mode synthetic takes no uploaded files", field=name)
+            return self._synthetic(request, job_id, idempotency_key, fp)
+        if isinstance(request, RealEditRequest) and "mask" in uploads:
+            raise ValidationFailed("mask: mode real takes no mask", field="mask")
+        data = self._fill_model(request.model_dump(mode="json"))
+        inputs: dict[str, str] = {}
+        image = self._input_image(request.image_ref, uploads.get("image"), "image", job_id, data, inputs)
+        if isinstance(request, InpaintRequest):
+            mask = self._input_image(request.mask_ref, uploads.get("mask"), "mask", job_id, data, inputs)
+            check_mask(image, mask)
+        self._store_inputs(inputs, uploads, job_id)
+        return self._submit(
+            kind="edit",
+            mode=request.mode,
+            request=data,
+            total_steps=request.steps,
+            job_id=job_id,
+            idempotency_key=idempotency_key,
+            fp=fp,
+            inputs={name: key for name, (key, _fmt) in inputs.items()},
+        )
+
+    def _input_image(
+        self,
+        ref: ImageRef | None,
+        upload: Upload | None,
+        name: str,
+        job_id: str,
+        data: dict[str, Any],
+        inputs: dict[str, Any],
+    ) -> Image.Image:
+        """Check an input given by upload xor by reference; point ``data`` at where it will be stored."""
+        ref_field = f"{name}_ref"
+        if upload is not None and ref is not None:
+            raise ValidationFailed(
+                f"{name}: give either an uploaded {name} or {ref_field}, not both", field=name
+            )
+        if upload is not None:
+            image, fmt = decode_image(upload.data, name, self.settings.max_image_pixels)
+            key = f"jobs/{job_id}/inputs/{name}.{fmt}"
+            inputs[name] = (key, fmt)
+            # The stored request references the stored upload, so it (and each image's settings) can be
+            # replayed without the original file.
+            data[ref_field] = {"job_id": job_id, "index": 0, "input": name}
+            return image
+        if ref is None:
+            raise ValidationFailed(
+                f"{name}: required (upload a file part {name!r} or give {ref_field})", field=name
+            )
+        key = resolve_ref(self.store, ref, ref_field)
+        image, _ = decode_image(self.storage.get(key), name, self.settings.max_image_pixels)
+        return image
+
+    def _store_inputs(self, inputs: dict[str, Any], uploads: dict[str, Upload], job_id: str) -> None:
+        content_types = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+        for name, (key, fmt) in inputs.items():
+            self.storage.put(key, uploads[name].data, content_types.get(fmt, "application/octet-stream"))
+
+    def _synthetic(
+        self, request: SyntheticEditRequest, job_id: str, idempotency_key: str | None, fp: str
+    ) -> Submission:
+        source = self.store.record(request.source_job_id)
+        if source is None:
+            raise ValidationFailed(
+                f"source_job_id: job {request.source_job_id!r} not found", field="source_job_id"
+            )
+        if source["kind"] != "generate":
+            raise ValidationFailed(
+                f"source_job_id: job {request.source_job_id!r} is a {source['kind']} job, not generate",
+                field="source_job_id",
+            )
+        if source["status"] != "succeeded":
+            raise ValidationFailed(
+                f"source_job_id: job {request.source_job_id!r} is {source['status']}, not succeeded",
+                field="source_job_id",
+            )
+        plan_data = dict(source["request"])
+        # Same prompt, seed and settings as the source (its drawn seed if it had none), new edits.
+        plan_data["seed"] = source["result"]["images"][0]["seed"]
+        plan_data["edits"] = [edit.model_dump(mode="json") for edit in request.edits]
+        plan_data["output_format"] = request.output_format or source["request"]["output_format"]
+        plan = parse_generate(plan_data)
+        check_limits(plan, self.settings)
+        data = request.model_dump(mode="json")
+        data["output_format"] = plan.output_format
+        return self._submit(
+            kind="edit",
+            mode="synthetic",
+            request=data,
+            total_steps=plan.steps,
+            job_id=job_id,
+            idempotency_key=idempotency_key,
+            fp=fp,
+            plan=plan.model_dump(mode="json"),
+        )

@@ -1,0 +1,88 @@
+"""Job states and the job document the api returns (docs/API.md, "Jobs")."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+Stage = Literal["queued", "loading", "inverting", "denoising", "decoding", "uploading", "done"]
+JobKind = Literal["generate", "edit"]
+EditMode = Literal["inpaint", "real", "synthetic"]
+#: Stable failure codes of a job (docs/API.md, "error").
+JobErrorCode = Literal["model_not_found", "out_of_memory", "invalid_input", "worker_lost", "internal_error"]
+
+
+def utcnow() -> str:
+    """Timestamps as ISO 8601 UTC with a Z, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Progress(BaseModel):
+    stage: Stage = Field(..., description="What the job is doing now.")
+    step: int = Field(0, ge=0, description="Denoising steps done.")
+    total: int = Field(0, ge=0, description="Denoising steps in all.")
+
+
+class ImageResult(BaseModel):
+    index: int
+    url: str = Field(..., description="Where to download it: /jobs/{id}/images/{n}.")
+    seed: int = Field(..., description="The seed of this image.")
+    width: int
+    height: int
+    content_type: str
+    sha256: str = Field(..., description="Hex digest of the stored bytes.")
+    key: str = Field(..., description="Storage key of the image (jobs/{id}/{n}.{ext}).")
+    settings_endpoint: str = Field(
+        ..., description="The endpoint that `settings` is a body for (/generate or /edit)."
+    )
+    settings: dict[str, Any] = Field(
+        ..., description="A complete request body (num_images 1, this image's seed) that reproduces it."
+    )
+
+
+class JobResult(BaseModel):
+    images: list[ImageResult]
+
+
+class JobError(BaseModel):
+    code: JobErrorCode
+    message: str
+    field: str | None = None
+
+
+class Job(BaseModel):
+    """The public view of a job."""
+
+    id: str
+    url: str
+    kind: JobKind
+    mode: EditMode | None = None
+    status: JobStatus
+    progress: Progress
+    queue_position: int | None = Field(None, description="0 = next to run; null unless queued.")
+    attempts: int = Field(0, description="How many times a worker started this job.")
+    cancel_requested: bool = False
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    request: dict[str, Any] = Field(..., description="The validated request, defaults filled in.")
+    result: JobResult | None = None
+    error: JobError | None = None

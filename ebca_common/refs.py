@@ -1,0 +1,33 @@
+"""Resolving an ``image_ref`` (an earlier job's output or uploaded input) to a storage key."""
+
+from __future__ import annotations
+
+from ebca_common.errors import ValidationFailed
+from ebca_common.specs import ImageRef
+from ebca_common.store import JobStore
+
+
+def resolve_ref(store: JobStore, ref: ImageRef, field: str) -> str:
+    """The storage key ``ref`` points at; 422 naming ``field`` when it points at nothing."""
+    record = store.record(ref.job_id)
+    if record is None:
+        raise ValidationFailed(f"{field}.job_id: job {ref.job_id!r} not found", field=f"{field}.job_id")
+    if ref.input is not None:
+        key = (record.get("inputs") or {}).get(ref.input)
+        if key is None:
+            raise ValidationFailed(
+                f"{field}.input: job {ref.job_id!r} has no uploaded {ref.input!r}", field=f"{field}.input"
+            )
+        return key
+    if record.get("status") != "succeeded":
+        raise ValidationFailed(
+            f"{field}.job_id: job {ref.job_id!r} is {record.get('status')}, not succeeded",
+            field=f"{field}.job_id",
+        )
+    images = (record.get("result") or {}).get("images") or []
+    if ref.index >= len(images):
+        raise ValidationFailed(
+            f"{field}.index: job {ref.job_id!r} has {len(images)} image(s), no index {ref.index}",
+            field=f"{field}.index",
+        )
+    return images[ref.index]["key"]
