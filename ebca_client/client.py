@@ -211,7 +211,8 @@ class Client:
         try:
             response = self._send(RequestSpec("DELETE", f"/jobs/{job_id}"))
         except APIError as exc:
-            # A retried DELETE whose first attempt did cancel the job sees 409: report the cancel.
+            # Cancel is idempotent for the caller: a job that is already canceled (for instance by the
+            # first attempt of a retried DELETE whose answer was lost) is reported, not an error.
             if exc.status == 409:
                 info = self._get_job_info(job_id)
                 if info.status == JobStatus.CANCELED:
