@@ -10,6 +10,7 @@ import json
 import string
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -43,9 +44,7 @@ def write_word_tokenizer(directory: str | Path, words: Iterable[str], model_max_
         vocab.setdefault(token, len(vocab))
     unique_merges = list(dict.fromkeys(merges))
     (directory / "vocab.json").write_text(json.dumps(vocab, indent=0))
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in unique_merges)
-    )
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in unique_merges))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
@@ -57,3 +56,123 @@ def write_word_tokenizer(directory: str | Path, words: Iterable[str], model_max_
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+# Words of the tiny models' vocabulary: the prompts used across the test suites, the shapes dataset and
+# the README examples tokenize into one token per word.
+TINY_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "and", "of", "with", "in", "on", "photo", "painting", "monet", "van", "gogh",
+    "cat", "dog", "bear", "teddy", "boat", "crown", "wearing", "sitting", "red", "green", "blue",
+    "yellow", "white", "black", "purple", "orange", "circle", "square", "triangle", "star", "small",
+    "large", "big", "background", "left", "right", "top", "bottom", "sunset", "lake", "tree", "house",
+)  # fmt: skip
+
+TinyVariant = Literal["sd1", "sd2", "inpaint"]
+
+
+def build_tiny_model(
+    path: str | Path,
+    variant: TinyVariant = "sd1",
+    seed: int = 0,
+    words: Iterable[str] = TINY_WORDS,
+) -> Path:
+    """Write a tiny random-weight Stable Diffusion model in the diffusers layout and return its path.
+
+    The architecture is SD 1.x (or SD 2.x / SD-inpainting) shaped at toy width: a U-Net with two
+    cross-attention down blocks (channels 32, 64), a 2-block VAE (latents at 1/2 resolution), a 2-layer
+    CLIP text encoder of width 32 with a word-level tokenizer, and the SD 1.5 noise schedule. The
+    native size is 32x32 pixels (16x16 latents). Weights come from ``seed`` alone: the same seed
+    writes the same bytes. ``variant``: ``"sd1"`` (PNDM scheduler, epsilon prediction), ``"sd2"``
+    (linear projections, per-block head counts, DDIM with v-prediction) or ``"inpaint"`` (9-channel
+    U-Net, StableDiffusionInpaintPipeline layout).
+    """
+    # Imported here so that ``write_word_tokenizer`` stays usable without torch/diffusers.
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if variant not in ("sd1", "sd2", "inpaint"):
+        raise ValueError(f"variant must be 'sd1', 'sd2' or 'inpaint', got {variant!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = write_word_tokenizer(path / "tokenizer", words)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    sd2 = variant == "sd2"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=9 if variant == "inpaint" else 4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            # SD 1.x gives one head count for every block; SD 2.x a list (and linear projections).
+            attention_head_dim=(2, 4) if sd2 else 8,
+            use_linear_projection=sd2,
+            norm_num_groups=16,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=32,
+        )
+        torch.manual_seed(seed + 2)
+        vocab = tokenizer.get_vocab()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=tokenizer.model_max_length,
+                hidden_act="gelu" if sd2 else "quick_gelu",
+                bos_token_id=vocab[START_TOKEN],
+                eos_token_id=vocab[END_TOKEN],
+                pad_token_id=vocab[END_TOKEN],
+                projection_dim=32,
+            )
+        )
+    # The SD 1.5 / 2.x training noise schedule.
+    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    if sd2:
+        scheduler = DDIMScheduler(
+            **schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        )
+    else:
+        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipeline_class = StableDiffusionInpaintPipeline if variant == "inpaint" else StableDiffusionPipeline
+    pipeline = pipeline_class(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return path
