@@ -1,0 +1,50 @@
+"""Session-wide fixtures: the project's tiny Stable Diffusion models, built once per test session.
+
+Other packages' tests use these fixture names: ``tiny_model_dir`` (SD 1.x layout), ``tiny_sd2_model_dir``
+(SD 2.x layout), ``tiny_inpaint_model_dir`` (9-channel SD-inpainting layout) and ``tiny_pipeline`` (a
+fresh :class:`ebca_core.EBCAPipeline` on ``tiny_model_dir`` per test, so that a test changing its
+scheduler or caches cannot affect another test).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+# Tests never touch the network: the hub client must fail fast instead of trying to download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if TYPE_CHECKING:
+    from ebca_core.pipeline import EBCAPipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ebca_core.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-sd1") / "model", variant="sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ebca_core.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-sd2") / "model", variant="sd2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ebca_core.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-inpaint") / "model", variant="inpaint", seed=0)
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_model_dir: Path) -> EBCAPipeline:
+    from ebca_core import load_pipeline
+
+    return load_pipeline(tiny_model_dir, device="cpu")
