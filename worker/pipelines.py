@@ -1,0 +1,60 @@
+"""A per-process cache of loaded pipelines, keyed by model id: a model is loaded once per worker
+process and reused by every later job that names it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from ebca_common.settings import Settings
+from ebca_core import ModelNotFoundError, load_pipeline
+
+log = logging.getLogger("ebca.worker")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        # Half precision on GPUs (memory and speed); float32 on CPU, where half is slow or unsupported.
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[setting]
+
+
+class PipelineCache:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self._pipes: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        #: Seconds each model took to load (the first job's extra cost; later jobs pay nothing).
+        self.load_seconds: dict[str, float] = {}
+
+    def get(self, model_id: str) -> Any:
+        with self._lock:
+            pipe = self._pipes.get(model_id)
+            if pipe is not None:
+                return pipe
+            location = self.settings.model_table().get(model_id)
+            if location is None:
+                raise ModelNotFoundError(f"model {model_id!r} is not configured on this worker")
+            start = time.perf_counter()
+            pipe = load_pipeline(location, device=self.device, dtype=self.dtype)
+            self.load_seconds[model_id] = time.perf_counter() - start
+            log.info("loaded model %s from %s in %.2fs", model_id, location, self.load_seconds[model_id])
+            self._pipes[model_id] = pipe
+            return pipe
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self._pipes

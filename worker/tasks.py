@@ -1,0 +1,30 @@
+"""Celery tasks. Thin: the job id goes to JobRunner, which makes the ebca_core calls."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ebca_common.queueing import RUN_JOB_TASK
+from ebca_common.storage import storage_from_settings
+from ebca_common.store import JobStore
+from worker.celery_app import app, heartbeat, process_id, settings
+from worker.pipelines import PipelineCache
+from worker.runner import JobRunner
+
+
+@lru_cache(maxsize=1)
+def _cache() -> PipelineCache:
+    return PipelineCache(settings)
+
+
+def runner() -> JobRunner:
+    """One runner per process; its pipeline cache outlives the jobs."""
+    return JobRunner(
+        JobStore.from_settings(settings), storage_from_settings(settings), _cache(), process_id()
+    )
+
+
+@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(job_id: str) -> str:
+    heartbeat.start()  # no-op when already beating for this process (pool=solo starts it at ready)
+    return runner().run(job_id)
