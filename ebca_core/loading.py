@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,13 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
         raise InvalidInputError(
             f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}", field="scheduler"
         )
-    return SCHEDULERS[name].from_config(config)
+    cls = SCHEDULERS[name]
+    overrides: dict[str, Any] = {}
+    if "clip_sample" in inspect.signature(cls.__init__).parameters:
+        # Latent diffusion must not clip x0 to [-1, 1]; diffusers' Stable Diffusion pipelines force
+        # this on load (their deprecation fix-up), and gamma = 0 must match them exactly.
+        overrides["clip_sample"] = False
+    return cls.from_config(config, **overrides)
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:
