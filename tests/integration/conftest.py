@@ -1,0 +1,306 @@
+"""The real service on loopback: a private redis-server, Celery worker processes, uvicorn, moto_server.
+
+Everything is started once per test session and torn down at the end. Workers run the tiny models
+built by the session fixtures of tests/conftest.py; the broker's visibility timeout, the heartbeat TTL
+and the attempt limit are set short so crash recovery shows within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+HOST = socket.gethostname()
+
+#: Settings every process of the suite gets (on top of the per-stack ones).
+BASE_ENV = {
+    "EBCA_VISIBILITY_TIMEOUT": "4",
+    "EBCA_RESTORE_INTERVAL": "1",
+    "EBCA_HEARTBEAT_SECONDS": "0.5",
+    "EBCA_HEARTBEAT_TTL": "3",
+    "EBCA_MAX_ATTEMPTS": "2",
+    "EBCA_MAX_UPLOAD_BYTES": "300000",
+    "EBCA_MAX_JSON_BYTES": "20000",
+    "EBCA_MAX_IMAGE_PIXELS": str(256 * 256),
+    "EBCA_DEVICE": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
+    log = logdir / f"{name}.log"
+    fh = log.open("ab")
+    popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    fh.close()
+    return Proc(name, popen, log)
+
+
+@dataclass
+class Stack:
+    """One deployment: an api, its workers, a Redis database and a storage backend."""
+
+    name: str
+    env: dict[str, str]
+    logdir: Path
+    redis: redis.Redis
+    api_url: str = ""
+    api: Proc | None = None
+    workers: list[Proc] = field(default_factory=list)
+    _count: int = 0
+
+    # -- processes ---------------------------------------------------------------------------------------
+    def start_api(self) -> None:
+        port = free_port()
+        argv = [
+            str(BIN / "python"),
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        self.api = spawn(f"{self.name}-api", argv, self.env, self.logdir)
+        self.api_url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200, 60, "the api")
+
+    def start_worker(self, wait: bool = True) -> Proc:
+        self._count += 1
+        name = f"{self.name}-w{self._count}"
+        argv = [
+            str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1",
+            "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        proc = spawn(name, argv, self.env, self.logdir)
+        self.workers.append(proc)
+        if wait:
+            self.wait_worker(proc)
+        return proc
+
+    def wait_worker(self, proc: Proc) -> None:
+        member = f"{HOST}:{proc.pid}"
+
+        def beating() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"worker {proc.name} exited:\n{proc.tail()}")
+            return self.redis.zscore("ebca:workers", member) is not None
+
+        deadline = time.monotonic() + 90
+        while not beating():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {proc.name} did not come up:\n{proc.tail()}")
+            time.sleep(0.2)
+
+    def live_workers(self) -> list[Proc]:
+        return [w for w in self.workers if w.alive()]
+
+    def worker_of(self, job_id: str) -> Proc:
+        """The worker process that runs ``job_id`` now (from the job record's owner)."""
+        owner = json.loads(self.redis.hget(f"ebca:job:{job_id}", "owner") or "null")
+        assert owner, f"job {job_id} has no owner"
+        pid = int(owner.rsplit(":", 1)[1])
+        return next(w for w in self.workers if w.pid == pid)
+
+    def shutdown(self) -> None:
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            proc.stop()
+
+    # -- http helpers ------------------------------------------------------------------------------------
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, timeout=30)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = httpx.get(f"{self.api_url}/jobs/{job_id}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_job(
+        self,
+        job_id: str,
+        until: Callable[[dict[str, Any]], bool] | None = None,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
+        until = until or (lambda job: job["status"] in ("succeeded", "failed", "canceled"))
+        last: dict[str, Any] = {}
+
+        def check() -> bool:
+            nonlocal last
+            last = self.job(job_id)
+            return until(last)
+
+        try:
+            wait_for(check, timeout, f"job {job_id}", interval=0.1)
+        except TimeoutError as exc:
+            logs = "\n".join(f"--- {w.name}\n{w.tail(15)}" for w in self.workers)
+            raise AssertionError(f"{exc}; last state {json.dumps(last)[:800]}\n{logs}") from None
+        return last
+
+    def job_keys(self) -> int:
+        return sum(1 for _ in self.redis.scan_iter(match="ebca:job:*", count=500))
+
+
+@pytest.fixture(scope="session")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service-logs")
+
+
+@pytest.fixture(scope="session")
+def redis_port(logdir: Path) -> Iterator[int]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = spawn("redis", argv, dict(os.environ), logdir)
+    client = redis.Redis(port=port)
+    wait_for(client.ping, 20, "redis-server")
+    yield port
+    proc.stop()
+
+
+def _make_stack(name: str, db: int, extra: dict[str, str], redis_port: int, logdir: Path) -> Stack:
+    url = f"redis://127.0.0.1:{redis_port}/{db}"
+    env = {**os.environ, **BASE_ENV, "EBCA_REDIS_URL": url, **extra}
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    return Stack(name=name, env=env, logdir=logdir, redis=client)
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_port: int, logdir: Path, tiny_model_dir: Path, tiny_inpaint_model_dir: Path, tmp_path_factory
+) -> Iterator[Stack]:
+    """The main deployment: local storage, two workers, models tiny (default), tiny-inpaint, broken."""
+    storage = tmp_path_factory.mktemp("storage")
+    models = {"tiny-inpaint": str(tiny_inpaint_model_dir), "broken": str(storage / "no-such-model")}
+    extra = {
+        "EBCA_STORAGE_URL": str(storage),
+        "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
+        "EBCA_MODELS": json.dumps(models),
+    }
+    s = _make_stack("main", 0, extra, redis_port, logdir)
+    try:
+        s.start_api()
+        first = s.start_worker(wait=False)
+        second = s.start_worker(wait=False)
+        s.wait_worker(first)
+        s.wait_worker(second)
+        yield s
+    finally:
+        s.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moto_url(logdir: Path) -> Iterator[str]:
+    port = free_port()
+    proc = spawn(
+        "moto", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), logdir
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{url}/moto-api/", timeout=1).status_code < 500, 60, "moto_server")
+    yield url
+    proc.stop()
+
+
+S3_BUCKET = "ebca-test"
+S3_PREFIX = "serve/results"
+
+
+@pytest.fixture(scope="session")
+def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str) -> Iterator[Stack]:
+    """A second deployment (own Redis database) storing into a bucket of the loopback S3 server."""
+    import boto3
+
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")  # fmt: skip
+    s3.create_bucket(Bucket=S3_BUCKET)
+    extra = {
+        "EBCA_STORAGE_URL": f"s3://{S3_BUCKET}/{S3_PREFIX}",
+        "EBCA_S3_ENDPOINT_URL": moto_url,
+        "EBCA_PRESIGN_SECONDS": "600",
+        "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
+        **creds,
+    }
+    s = _make_stack("s3", 1, extra, redis_port, logdir)
+    s.s3 = s3  # type: ignore[attr-defined]
+    try:
+        s.start_api()
+        s.start_worker()
+        yield s
+    finally:
+        s.shutdown()

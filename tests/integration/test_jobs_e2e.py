@@ -1,0 +1,215 @@
+"""Generate and every edit mode end to end: submit, poll, download, check format and size, and
+replay each image's reproduction settings to get the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from PIL import Image
+
+if TYPE_CHECKING:
+    from conftest import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def download_and_check(stack: Stack, job: dict, width: int, height: int) -> list[bytes]:
+    """Every image of a succeeded job: HTTP 200, declared type = actual format, size, sha256."""
+    assert job["status"] == "succeeded", job
+    blobs = []
+    for image in job["result"]["images"]:
+        response = httpx.get(stack.api_url + image["url"], timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == image["content_type"]
+        decoded = Image.open(io.BytesIO(response.content))
+        assert decoded.format == PIL_FORMATS[image["content_type"]]
+        assert decoded.size == (width, height) == (image["width"], image["height"])
+        assert hashlib.sha256(response.content).hexdigest() == image["sha256"]
+        blobs.append(response.content)
+    return blobs
+
+
+def reproduce(stack: Stack, image: dict) -> bytes:
+    """Submit an image's settings to its endpoint and return the new image's bytes."""
+    assert image["settings"]["num_images"] == 1 and image["settings"]["seed"] == image["seed"]
+    response = httpx.post(stack.api_url + image["settings_endpoint"], json=image["settings"], timeout=10)
+    assert response.status_code == 202, response.text
+    again = stack.wait_job(response.json()["id"])
+    assert again["status"] == "succeeded", again
+    new = again["result"]["images"][0]
+    assert new["seed"] == image["seed"]
+    return httpx.get(stack.api_url + new["url"], timeout=10).content
+
+
+@pytest.fixture(scope="module")
+def generated(stack: Stack) -> dict:
+    """A two-image generate job with BCU and a composition edit (no seed: the worker draws one)."""
+    body = {
+        "prompt": "a red circle and a blue square",
+        "width": 48,
+        "height": 40,
+        "steps": 4,
+        "num_images": 2,
+        "scheduler": "euler",
+        "energy": {"gamma_attn": 0.01, "gamma_norm": 0.01, "token_weights": {"circle": 2.0, "5": 1.5}},
+        "edits": [{"prompt": "green", "alpha": 0.5}],
+    }
+    response = httpx.post(f"{stack.api_url}/generate", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["kind"] == "generate" and job["attempts"] == 0
+    assert job["request"]["model"] == "model" and job["request"]["seed"] is None
+    assert response.headers["location"] == f"/jobs/{job['id']}"
+    return stack.wait_job(job["id"])
+
+
+def test_generate_end_to_end(stack: Stack, generated: dict) -> None:
+    job = generated
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 1 and job["error"] is None
+    assert job["progress"] == {"stage": "done", "step": 4, "total": 4}
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    blobs = download_and_check(stack, job, 48, 40)
+    seeds = [image["seed"] for image in job["result"]["images"]]
+    assert seeds[1] == seeds[0] + 1  # image i uses seed + i
+    assert blobs[0] != blobs[1]
+    # Deterministic storage keys per job id.
+    assert [i["key"] for i in job["result"]["images"]] == [
+        f"jobs/{job['id']}/0.png",
+        f"jobs/{job['id']}/1.png",
+    ]
+
+
+def test_generate_reproduces_each_image_alone(stack: Stack, generated: dict) -> None:
+    for image in generated["result"]["images"]:
+        assert image["settings_endpoint"] == "/generate"
+        assert hashlib.sha256(reproduce(stack, image)).hexdigest() == image["sha256"]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_output_formats(stack: Stack, fmt: str) -> None:
+    body = {"prompt": "a cat", "steps": 2, "seed": 7, "output_format": fmt}
+    job = stack.wait_job(httpx.post(f"{stack.api_url}/generate", json=body, timeout=10).json()["id"])
+    download_and_check(stack, job, 32, 32)  # the tiny model's native size
+    assert job["result"]["images"][0]["content_type"] == f"image/{fmt}"
+    assert job["result"]["images"][0]["key"].endswith(f"/0.{fmt}")
+
+
+def test_synthetic_edit(stack: Stack, generated: dict) -> None:
+    body = {
+        "mode": "synthetic",
+        "source_job_id": generated["id"],
+        "edits": [{"prompt": "monet painting", "alpha": 1.3, "alpha_tau": 0.25}],
+        "output_format": "webp",
+    }
+    response = httpx.post(f"{stack.api_url}/edit", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    job = stack.wait_job(response.json()["id"])
+    assert job["kind"] == "edit" and job["mode"] == "synthetic"
+    download_and_check(stack, job, 48, 40)
+    source_seeds = [i["seed"] for i in generated["result"]["images"]]
+    assert [i["seed"] for i in job["result"]["images"]] == source_seeds  # same seeds as the source
+    image = job["result"]["images"][0]
+    # The settings are the source's generate request with the editorial prompts.
+    assert image["settings_endpoint"] == "/generate"
+    assert image["settings"]["prompt"] == generated["request"]["prompt"]
+    assert image["settings"]["edits"][0]["prompt"] == "monet painting"
+    assert hashlib.sha256(reproduce(stack, image)).hexdigest() == image["sha256"]
+
+
+def test_inpaint_with_uploads(stack: Stack) -> None:
+    picture = Image.new("RGB", (32, 32), (30, 90, 200))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    request = {"mode": "inpaint", "prompt": "a teddy bear", "model": "tiny-inpaint", "steps": 3, "seed": 11}
+    files = {
+        "image": ("in.png", png_bytes(picture), "image/png"),
+        "mask": ("m.png", png_bytes(mask), "image/png"),
+    }
+    response = httpx.post(
+        f"{stack.api_url}/edit", data={"request": json.dumps(request)}, files=files, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    job = stack.wait_job(response.json()["id"])
+    assert job["mode"] == "inpaint"
+    (blob,) = download_and_check(stack, job, 32, 32)
+    # The stored request points at the stored uploads, so settings replay without the files.
+    assert job["request"]["image_ref"] == {"job_id": job["id"], "index": 0, "input": "image"}
+    assert job["request"]["mask_ref"] == {"job_id": job["id"], "index": 0, "input": "mask"}
+    image = job["result"]["images"][0]
+    assert image["settings_endpoint"] == "/edit"
+    assert reproduce(stack, image) == blob
+
+
+def test_real_edit_from_an_earlier_output(stack: Stack, generated: dict) -> None:
+    body = {
+        "mode": "real",
+        "source_prompt": "a red circle",
+        "edits": [{"prompt": "blue", "alpha": 1.0}],
+        "image_ref": {"job_id": generated["id"], "index": 1},
+        "steps": 3,
+        "seed": 5,
+        "output_format": "png",
+    }
+    response = httpx.post(f"{stack.api_url}/edit", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    job = stack.wait_job(response.json()["id"])
+    (blob,) = download_and_check(stack, job, 48, 40)
+    assert reproduce(stack, job["result"]["images"][0]) == blob
+
+
+def test_real_edit_with_upload(stack: Stack) -> None:
+    picture = Image.new("RGB", (32, 32), (200, 40, 40))
+    request = {"mode": "real", "source_prompt": "a photo of a cat", "edits": [{"prompt": "dog"}], "steps": 3}
+    files = {"image": ("cat.png", png_bytes(picture), "image/png")}
+    response = httpx.post(
+        f"{stack.api_url}/edit", data={"request": json.dumps(request)}, files=files, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    job = stack.wait_job(response.json()["id"])
+    (blob,) = download_and_check(stack, job, 32, 32)
+    image = job["result"]["images"][0]
+    assert image["settings"]["seed"] == image["seed"]  # the drawn seed is reported for replay
+    assert reproduce(stack, image) == blob
+
+
+def test_models_health_ready_metrics_openapi(stack: Stack, generated: dict) -> None:
+    with stack.client() as client:
+        models = client.get("/models").json()["models"]
+        assert {"id": "model", "default": True} in models
+        assert {m["id"] for m in models} == {"model", "tiny-inpaint", "broken"}
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["workers"] >= 1
+        metrics = client.get("/metrics").text
+        succeeded = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith('ebca_jobs_total{status="succeeded"}')
+        )
+        assert succeeded >= 1
+        assert "ebca_queue_depth" in metrics
+        count = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("ebca_step_duration_seconds_count")
+        )
+        assert count >= 4  # the generate job alone made 4 denoising steps
+        spec = client.get("/openapi.json").json()
+        for path in ("/generate", "/edit", "/jobs/{job_id}", "/jobs/{job_id}/images/{index}", "/models"):
+            assert path in spec["paths"]
+        generate = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+        assert all(prop.get("description") for prop in generate.values()), generate
