@@ -1,0 +1,146 @@
+"""scripts/serve.sh as a user runs it: it brings the stack up, ``ebca generate`` writes a PNG against it,
+and Ctrl-C (SIGINT to its process group, as a terminal sends it) stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from stack_helpers import REPO_ROOT, free_port, session_members, stop_session
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+EBCA = str(Path(sys.executable).with_name("ebca"))
+
+
+def setup_is_current() -> bool:
+    """True when scripts/setup.sh already ran for this pyproject.toml (as in CI), so serve.sh may run
+    its setup step for real and must find nothing to do."""
+    stamp = REPO_ROOT / ".venv" / ".ebca-setup"
+    return stamp.is_file() and Path(sys.executable).resolve().is_relative_to((REPO_ROOT / ".venv").resolve())
+
+
+class OutputReader:
+    """Collects a child's stdout on a thread, so the test can wait for a line without blocking."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, marker: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.text:
+                return self.text
+            if self.proc.poll() is not None and not self._thread.is_alive():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"serve.sh never printed {marker!r} (exit {self.proc.poll()}):\n{self.text}")
+
+    def finish(self) -> str:
+        self._thread.join(timeout=10)
+        return self.text
+
+
+def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port, redis_port = free_port(), free_port()
+    var = tmp_path / "var"
+    argv = ["bash", "scripts/serve.sh", "--port", str(port), "--redis-port", str(redis_port),
+            "--var", str(var), "--model", str(tiny_model_dir)]  # fmt: skip
+    reuse_setup = setup_is_current()
+    if not reuse_setup:
+        argv.append("--no-setup")  # a developer venv not made by setup.sh: do not reinstall into it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EBCA_")}
+    env.update(OMP_NUM_THREADS="1", EBCA_STACK_STOP_TIMEOUT="10")
+    proc = subprocess.Popen(
+        argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    sessions: set[int] = set()
+    try:
+        output = OutputReader(proc)
+        banner = output.wait_for("press Ctrl-C to stop", timeout=180)
+        url = f"http://127.0.0.1:{port}"
+        assert f"EBCA Serve is ready at {url}" in banner
+        assert "ebca --url" in banner and " generate " in banner
+        if reuse_setup:
+            assert "setup: .venv is up to date" in banner
+
+        pids = dict(line.split() for line in (var / "stack.pids").read_text().splitlines())
+        assert set(pids) == {"redis", "api", "worker"}
+        sessions = {int(pid) for pid in pids.values()} | {proc.pid}
+        members = session_members(sessions)
+        assert len(members) >= 4  # serve.sh, redis, api, worker (+ the worker's pool process)
+
+        out = tmp_path / "out"
+        gen = subprocess.run(
+            [EBCA, "--url", url, "generate", "a red circle and a blue square", "--steps", "3",
+             "--gamma-attn", "0.01", "--gamma-norm", "0.02", "--weight", "circle=2", "-o", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert gen.returncode == 0, gen.stderr
+        (png,) = gen.stdout.split()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size == (32, 32)
+
+        # Ctrl-C: the terminal sends SIGINT to the foreground process group, i.e. serve.sh.
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        tail = output.finish()
+        assert proc.returncode == 130, tail
+        assert "serve: stopped" in tail
+        assert session_members(sessions) == set(), "processes left behind after Ctrl-C"
+        assert not (var / "stack.pids").exists()
+    finally:
+        if proc.poll() is None:
+            stop_session(proc)
+        for sid in sessions:  # never leave a stack running if an assertion failed midway
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def test_serve_script_rejects_a_busy_port_clearly(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            ["bash", "scripts/serve.sh", "--no-setup", "--port", str(port), "--var", str(tmp_path / "var")],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_serve_script_usage_errors(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", "scripts/serve.sh", "--no-setup", "--bogus"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "unknown option: --bogus" in result.stderr
+    helped = subprocess.run(
+        ["bash", "scripts/serve.sh", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and "--redis-port" in helped.stdout
