@@ -304,3 +304,24 @@ def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str)
         yield s
     finally:
         s.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dead_redis_api(logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[str]:
+    """An api whose Redis is down (nothing listens on its port): every store call fails."""
+    dead = free_port()
+    env = {
+        **os.environ,
+        **BASE_ENV,
+        "EBCA_REDIS_URL": f"redis://127.0.0.1:{dead}/0",
+        "EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("dead-storage")),
+        "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
+        "EBCA_REDIS_TIMEOUT_SECONDS": "0.5",
+    }
+    port = free_port()
+    argv = [str(BIN / "python"), "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    proc = spawn("dead-redis-api", argv, env, logdir)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 60, "the api")
+    yield url
+    proc.stop()
