@@ -684,7 +684,7 @@ class EBCAPipeline:
                     "is required: no captioning model is configured to describe the image",
                     field="source_prompt",
                 )
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler = make_scheduler("ddim", self.scheduler.config)
         timesteps = self._timesteps(scheduler, num_inference_steps)
         edit_list = self._check_energy_and_edits(energy, edits, num_inference_steps, len(timesteps))
         if source_prompt is None or not source_prompt.strip():

@@ -134,6 +134,13 @@ def build_tiny_model(
             norm_num_groups=16,
             sample_size=32,
         )
+        # Calibrate the latent scaling like SD's 0.18215: scaled latents of natural-ish (smooth) images
+        # get unit standard deviation, which is what the noise schedule assumes.
+        coarse = torch.rand(8, 3, 8, 8) * 2 - 1
+        smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear")
+        with torch.no_grad():
+            latent_std = float(vae.encode(smooth).latent_dist.mean.std())
+        vae.register_to_config(scaling_factor=round(1.0 / latent_std, 5))
         torch.manual_seed(seed + 2)
         vocab = tokenizer.get_vocab()
         text_encoder = CLIPTextModel(
