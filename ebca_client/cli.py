@@ -511,13 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models the server offers")
     models.set_defaults(handler=App.cmd_models)
 
-    serve = sub.add_parser(
+    # Everything after `serve` goes to scripts/serve.sh unparsed (main() splits it off first), so its
+    # own options (--port, --help, ...) are not argparse's business.
+    sub.add_parser(
         "serve",
-        help="run the local stack (Redis, API, one worker) in the foreground; same as scripts/serve.sh",
+        help="run the local stack (Redis, API, one worker) in the foreground; same as scripts/serve.sh "
+        "(options: ebca serve --help)",
         add_help=False,
     )
-    serve.add_argument("serve_args", nargs=argparse.REMAINDER, help="passed to scripts/serve.sh (try --help)")
     return parser
+
+
+def split_serve(parser: argparse.ArgumentParser, argv: list[str]) -> list[str] | None:
+    """The arguments for serve.sh when ``argv`` is ``[global options] serve [serve.sh options]``."""
+    if "serve" not in argv:
+        return None
+    i = argv.index("serve")
+    try:
+        head, _ = parser.parse_known_args(argv[: i + 1])
+    except SystemExit:
+        return None
+    return argv[i + 1 :] if head.command == "serve" else None
 
 
 def serve_script() -> Path:
@@ -540,9 +554,11 @@ def main(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_args = split_serve(parser, argv)
+    if serve_args is not None:
+        return run_serve(serve_args, stderr)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return run_serve(args.serve_args, stderr)
     try:
         app = App(args, stdout, stderr)
     except (ValueError, EBCAClientError) as exc:

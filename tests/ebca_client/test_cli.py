@@ -209,3 +209,12 @@ def test_retried_cli_submit_makes_one_job(api: FakeAPI) -> None:
     api.faults = deque([Fault("drop_after")])
     code, out, _ = run("generate", "a cat", "--no-wait")
     assert code == 0 and list(api.jobs) == [out.strip()]
+
+
+def test_serve_arguments_are_split_off_for_serve_sh() -> None:
+    parser = cli.build_parser()
+    assert cli.split_serve(parser, ["serve", "--port", "8001", "--help"]) == ["--port", "8001", "--help"]
+    assert cli.split_serve(parser, ["--url", "http://x:1", "serve"]) == []
+    # "serve" as a prompt is not the serve command.
+    assert cli.split_serve(parser, ["generate", "serve", "--steps", "2"]) is None
+    assert cli.split_serve(parser, ["models"]) is None

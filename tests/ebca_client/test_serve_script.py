@@ -144,3 +144,11 @@ def test_serve_script_usage_errors(tmp_path: Path) -> None:
         ["bash", "scripts/serve.sh", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert helped.returncode == 0 and "--redis-port" in helped.stdout
+
+
+def test_ebca_serve_runs_serve_sh() -> None:
+    ebca = str(Path(sys.executable).with_name("ebca"))
+    helped = subprocess.run([ebca, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "scripts/serve.sh [--host" in helped.stdout
+    bad = subprocess.run([ebca, "serve", "--no-setup", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "serve: unknown option: --bogus" in bad.stderr
