@@ -42,12 +42,12 @@ class Progress(BaseModel):
 
 
 class ImageResult(BaseModel):
-    index: int
+    index: int = Field(..., description="Position of the image in the job (image i used seed + i).")
     url: str = Field(..., description="Where to download it: /jobs/{id}/images/{n}.")
     seed: int = Field(..., description="The seed of this image.")
-    width: int
-    height: int
-    content_type: str
+    width: int = Field(..., description="Width in pixels.")
+    height: int = Field(..., description="Height in pixels.")
+    content_type: str = Field(..., description="MIME type: image/png, image/jpeg or image/webp.")
     sha256: str = Field(..., description="Hex digest of the stored bytes.")
     key: str = Field(..., description="Storage key of the image (jobs/{id}/{n}.{ext}).")
     settings_endpoint: str = Field(
@@ -59,30 +59,30 @@ class ImageResult(BaseModel):
 
 
 class JobResult(BaseModel):
-    images: list[ImageResult]
+    images: list[ImageResult] = Field(..., description="The result images, in index order.")
 
 
 class JobError(BaseModel):
-    code: JobErrorCode
-    message: str
-    field: str | None = None
+    code: JobErrorCode = Field(..., description="Stable failure code.")
+    message: str = Field(..., description="What went wrong, for humans.")
+    field: str | None = Field(None, description="The request field at fault (invalid_input), if one is.")
 
 
 class Job(BaseModel):
     """The public view of a job."""
 
-    id: str
-    url: str
-    kind: JobKind
-    mode: EditMode | None = None
-    status: JobStatus
-    progress: Progress
+    id: str = Field(..., description="Job id.")
+    url: str = Field(..., description="This document's path: /jobs/{id}.")
+    kind: JobKind = Field(..., description="generate (POST /generate) or edit (POST /edit).")
+    mode: EditMode | None = Field(None, description="The edit mode; null for generate jobs.")
+    status: JobStatus = Field(..., description="queued, running, succeeded, failed or canceled.")
+    progress: Progress = Field(..., description="Stage and denoising step of the current attempt.")
     queue_position: int | None = Field(None, description="0 = next to run; null unless queued.")
     attempts: int = Field(0, description="How many times a worker started this job.")
-    cancel_requested: bool = False
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
+    cancel_requested: bool = Field(False, description="A cancel was asked for; it stops at the next step.")
+    created_at: str = Field(..., description="When the api accepted the job (ISO 8601, UTC).")
+    started_at: str | None = Field(None, description="When the latest attempt started on a worker.")
+    finished_at: str | None = Field(None, description="When the job reached its final status.")
     request: dict[str, Any] = Field(..., description="The validated request, defaults filled in.")
-    result: JobResult | None = None
-    error: JobError | None = None
+    result: JobResult | None = Field(None, description="The images, once succeeded.")
+    error: JobError | None = Field(None, description="Why it failed, once failed.")

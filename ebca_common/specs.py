@@ -151,7 +151,7 @@ class GenerateRequest(_Common):
 class InpaintRequest(_Common):
     """POST /edit with mode=inpaint: repaint the white part of the mask."""
 
-    mode: Literal["inpaint"]
+    mode: Literal["inpaint"] = Field(..., description="inpaint: repaint the white region of the mask.")
     prompt: str = _prompt_field("What to paint into the masked region.")
     negative_prompt: str | None = Field(None, max_length=1000, description="What to avoid.")
     scheduler: Scheduler = Field("ddim", description="Noise scheduler.")
@@ -162,7 +162,7 @@ class InpaintRequest(_Common):
 class RealEditRequest(_Common):
     """POST /edit with mode=real: invert a real image with DDIM, then re-generate it with edits."""
 
-    mode: Literal["real"]
+    mode: Literal["real"] = Field(..., description="real: edit an existing image (DDIM inversion + CACAO).")
     source_prompt: str = _prompt_field("A caption of the input image (used for inversion).")
     edits: list[EditSpec] = Field(..., min_length=1, description="Editorial prompts (at least one).")
     image_ref: ImageRef | None = Field(None, description="The image, unless uploaded as part `image`.")
@@ -172,7 +172,7 @@ class RealEditRequest(_Common):
 class SyntheticEditRequest(_Strict):
     """POST /edit with mode=synthetic: re-run a finished generate job with editorial prompts."""
 
-    mode: Literal["synthetic"]
+    mode: Literal["synthetic"] = Field(..., description="synthetic: re-run a generate job with edits.")
     source_job_id: str = Field(..., min_length=1, max_length=64, description="A succeeded generate job.")
     edits: list[EditSpec] = Field(..., min_length=1, description="Editorial prompts (at least one).")
     output_format: OutputFormat | None = Field(None, description="null = the source job's format.")
@@ -271,6 +271,13 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
         raise ValidationFailed(
             f"num_images: at most {settings.max_images} images per job (EBCA_MAX_IMAGES), got {num_images}",
             field="num_images",
+        )
+    seed = getattr(request, "seed", None)
+    if seed is not None and num_images is not None and seed + num_images - 1 > MAX_SEED:
+        raise ValidationFailed(
+            f"seed: image i uses seed + i, so seed must be <= {MAX_SEED - num_images + 1} "
+            f"for {num_images} images",
+            field="seed",
         )
     edits: list[EditSpec] = getattr(request, "edits", None) or []
     if len(edits) > settings.max_edits:

@@ -48,3 +48,30 @@ def tiny_pipeline(tiny_model_dir: Path) -> EBCAPipeline:
     from ebca_core import load_pipeline
 
     return load_pipeline(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def store_settings(tmp_path: Path):
+    """Service settings on the shared Redis (127.0.0.1:6379 db 0) under a key prefix of this test
+    alone, whose keys are deleted afterwards; local storage in tmp_path. Skips without Redis."""
+    import uuid
+
+    import redis
+
+    from ebca_common.settings import Settings
+
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    prefix = f"ebca-test-{uuid.uuid4().hex[:12]}"
+    yield Settings(
+        redis_url="redis://127.0.0.1:6379/0",
+        key_prefix=prefix,
+        storage_url=str(tmp_path / "storage"),
+        heartbeat_ttl=2.0,
+    )
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)

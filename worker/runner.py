@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from ebca_common.images import encode_image, sha256_hex
 from ebca_common.jobs import JobStatus
 from ebca_common.refs import resolve_ref
 from ebca_common.specs import (
+    MAX_SEED,
     EditSpec,
     EnergySpec,
     GenerateRequest,
@@ -40,6 +42,11 @@ log = logging.getLogger("ebca.worker")
 
 #: How often a worker holding a duplicate delivery looks again at the job's live owner.
 DUPLICATE_POLL_SECONDS = 0.5
+
+
+def draw_seed(num_images: int) -> int:
+    """A random seed for image 0 such that seed + i stays a valid seed (<= 2**32 - 1) for every image."""
+    return secrets.randbelow(MAX_SEED - num_images + 2)
 
 
 class JobCanceled(Exception):
@@ -169,7 +176,12 @@ class JobRunner:
         else:
             raise ValueError(f"unknown job kind {record['kind']!r} / mode {mode!r}")
 
-        total = request.steps
+        # Images are made one pipeline call each (num_images=1, seed + i): batched CPU/GPU kernels round
+        # differently from single ones, so only this makes each image's settings reproduce it byte for
+        # byte. The inversion of a real image is cached by ebca_core, so repeating the call is cheap.
+        base = request.seed if request.seed is not None else draw_seed(request.num_images)
+        seeds = [base + i for i in range(request.num_images)]
+        total = request.steps * len(seeds)
         report = self._reporter(job_id, total)
         report.stage("loading")
         pipe = self.cache.get(request.model)
@@ -177,44 +189,56 @@ class JobRunner:
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "energy": energy_config(request.energy),
-            "num_images": request.num_images,
-            "seed": request.seed,
+            "num_images": 1,
             "output_type": "pil",
             "callback": report.step,
             "on_stage": report.stage,
         }
-        if isinstance(request, GenerateRequest):
+        if isinstance(request, GenerateRequest | InpaintRequest):
             pipe.set_scheduler(request.scheduler)
-            out = pipe.generate(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                height=request.height,
-                width=request.width,
-                latents=None,
-                edits=editorial_prompts(request.edits) or None,
-                **common,
-            )
-        elif isinstance(request, InpaintRequest):
-            pipe.set_scheduler(request.scheduler)
-            out = pipe.inpaint(
-                image=self._load_image(request.image_ref, "image_ref", "RGB"),
-                mask=self._load_image(request.mask_ref, "mask_ref", "L"),
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                **common,
-            )
-        else:
-            out = pipe.edit_real(
-                image=self._load_image(request.image_ref, "image_ref", "RGB"),
-                source_prompt=request.source_prompt,
-                edits=editorial_prompts(request.edits),
-                inversion=InversionConfig(regularize=request.inversion.regularize),
-                **common,
-            )
+        inputs: dict[str, Any] = {}
+        if isinstance(request, InpaintRequest):
+            inputs["image"] = self._load_image(request.image_ref, "image_ref", "RGB")
+            inputs["mask"] = self._load_image(request.mask_ref, "mask_ref", "L")
+        elif isinstance(request, RealEditRequest):
+            inputs["image"] = self._load_image(request.image_ref, "image_ref", "RGB")
+        made: list[Image.Image] = []
+        for index, seed in enumerate(seeds):
+            report.offset = index * request.steps
+            if isinstance(request, GenerateRequest):
+                out = pipe.generate(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    height=request.height,
+                    width=request.width,
+                    latents=None,
+                    edits=editorial_prompts(request.edits) or None,
+                    seed=seed,
+                    **common,
+                )
+            elif isinstance(request, InpaintRequest):
+                out = pipe.inpaint(
+                    image=inputs["image"],
+                    mask=inputs["mask"],
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    seed=seed,
+                    **common,
+                )
+            else:
+                out = pipe.edit_real(
+                    image=inputs["image"],
+                    source_prompt=request.source_prompt,
+                    edits=editorial_prompts(request.edits),
+                    inversion=InversionConfig(regularize=request.inversion.regularize),
+                    seed=seed,
+                    **common,
+                )
+            made.append(out.images[0])
 
         report.stage("uploading")
         images = []
-        for index, (image, seed) in enumerate(zip(out.images, out.seeds, strict=True)):
+        for index, (image, seed) in enumerate(zip(made, seeds, strict=True)):
             payload, content_type = encode_image(image, request.output_format)
             key = f"jobs/{job_id}/{index}.{request.output_format}"
             # Deterministic keys: a re-run of the job overwrites these objects instead of adding more.
@@ -257,6 +281,8 @@ class _Reporter:
         self.job_id = job_id
         self.total = total
         self.done = 0
+        #: Steps of the images already made (images run one after another, see JobRunner._execute).
+        self.offset = 0
         self.current_stage = "loading"
         self._last = time.perf_counter()
 
@@ -270,7 +296,6 @@ class _Reporter:
         now = time.perf_counter()
         self.store.observe("step_duration_seconds", now - self._last)
         self._last = now
-        self.total = total
-        self.done = min(step, total)
-        if self.store.progress(self.job_id, "denoising", self.done, total):
+        self.done = self.offset + min(step, total)
+        if self.store.progress(self.job_id, "denoising", self.done, self.total):
             raise JobCanceled()

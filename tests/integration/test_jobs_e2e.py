@@ -80,7 +80,7 @@ def test_generate_end_to_end(stack: Stack, generated: dict) -> None:
     job = generated
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 1 and job["error"] is None
-    assert job["progress"] == {"stage": "done", "step": 4, "total": 4}
+    assert job["progress"] == {"stage": "done", "step": 8, "total": 8}  # 2 images x 4 steps
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     blobs = download_and_check(stack, job, 48, 40)
     seeds = [image["seed"] for image in job["result"]["images"]]

@@ -1,0 +1,145 @@
+"""The api in process (TestClient) on the real Redis under a private key prefix, with a fake queue."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.main import create_app
+from ebca_common.errors import Unavailable
+from ebca_common.jobs import JobStatus
+from ebca_common.settings import Settings
+from ebca_common.store import JobStore
+
+
+class FakeQueue:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[str] = []
+        self.fail = fail
+
+    def publish(self, job_id: str) -> None:
+        if self.fail:
+            raise Unavailable("broker down")
+        self.sent.append(job_id)
+
+
+@pytest.fixture
+def queue() -> FakeQueue:
+    return FakeQueue()
+
+
+@pytest.fixture
+def app_parts(store_settings: Settings, queue: FakeQueue):
+    settings = store_settings.model_copy(update={"max_queue": 3, "max_upload_bytes": 5000})
+    store = JobStore.from_settings(settings)
+    return TestClient(create_app(settings, store=store, publisher=queue)), store
+
+
+def test_submit_publishes_exactly_once(app_parts, queue: FakeQueue) -> None:
+    client, store = app_parts
+    response = client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "a"})
+    assert response.status_code == 202
+    job_id = response.json()["id"]
+    assert queue.sent == [job_id]
+    assert (
+        client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "a"}).status_code
+        == 200
+    )
+    assert queue.sent == [job_id]  # a replay is not queued again
+    assert response.json()["request"]["model"] == "shapes"
+
+
+def test_queue_full_is_429_and_creates_nothing(app_parts) -> None:
+    client, store = app_parts
+    for _ in range(3):
+        assert client.post("/generate", json={"prompt": "a cat"}).status_code == 202
+    response = client.post("/generate", json={"prompt": "a cat"})
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limited"
+    assert int(response.headers["retry-after"]) >= 1
+    assert store.job_count() == 3
+
+
+def test_broker_down_is_503_and_the_job_is_removed(store_settings: Settings) -> None:
+    store = JobStore.from_settings(store_settings)
+    client = TestClient(create_app(store_settings, store=store, publisher=FakeQueue(fail=True)))
+    response = client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "k"})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
+    assert response.headers["retry-after"] == str(store_settings.retry_after_seconds)
+    assert store.job_count() == 0 and store.queue_depth() == 0
+    assert store.lookup_idempotent("k", "anything") is None  # the key is free for the retry
+
+
+def test_upload_limit_per_file(app_parts) -> None:
+    client, store = app_parts
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 80).convert("RGB").save(buf, format="PNG")  # noise: > 5000 bytes
+    assert len(buf.getvalue()) > 5000
+    request = {"mode": "real", "source_prompt": "x", "edits": [{"prompt": "y"}]}
+    response = client.post(
+        "/edit",
+        data={"request": json.dumps(request)},
+        files={"image": ("a.png", buf.getvalue(), "image/png")},
+    )
+    assert response.status_code == 413
+    assert response.json()["error"] == {
+        "code": "payload_too_large",
+        "message": response.json()["error"]["message"],
+        "field": "image",
+    }
+    assert store.job_count() == 0
+
+
+def test_wrong_content_type_and_unknown_routes(app_parts) -> None:
+    client, _ = app_parts
+    response = client.post("/edit", content=b"x", headers={"content-type": "text/plain"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "content-type"
+    response = client.get("/nowhere")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    response = client.put("/generate")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    response = client.get("/jobs/x/images/not-a-number")
+    assert response.status_code == 422 and response.json()["error"]["field"] == "index"
+
+
+def test_image_download_from_local_store(app_parts) -> None:
+    client, store = app_parts
+    job_id = client.post("/generate", json={"prompt": "a cat"}).json()["id"]
+    assert client.get(f"/jobs/{job_id}/images/0").status_code == 404  # not finished
+    app_storage = client.app.state.storage
+    app_storage.put(f"jobs/{job_id}/0.png", b"\x89PNG-bytes", "image/png")
+    store.begin(job_id, "w")
+    image = {"index": 0, "key": f"jobs/{job_id}/0.png", "content_type": "image/png", "url": "", "seed": 1}
+    image |= {"width": 8, "height": 8, "sha256": "", "settings_endpoint": "/generate", "settings": {}}
+    store.finish(job_id, JobStatus.SUCCEEDED, result={"images": [image]})
+    response = client.get(f"/jobs/{job_id}/images/0")
+    assert response.status_code == 200 and response.content == b"\x89PNG-bytes"
+    assert response.headers["content-type"] == "image/png"
+
+
+def test_readyz_follows_worker_heartbeats(app_parts) -> None:
+    client, store = app_parts
+    assert client.get("/readyz").status_code == 503
+    store.heartbeat("host:123")
+    response = client.get("/readyz")
+    assert response.status_code == 200 and response.json() == {"status": "ready", "workers": 1}
+
+
+def test_openapi_documents_every_request_field(app_parts) -> None:
+    client, _ = app_parts
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    names = ["GenerateRequest", "InpaintRequest", "RealEditRequest", "SyntheticEditRequest", "EnergySpec"]
+    names += ["EditSpec", "ScheduleSpec", "ImageRef", "InversionSpec", "Job", "Progress", "ImageResult"]
+    names += ["JobResult", "JobError"]
+    for name in names:
+        for field, prop in schemas[name]["properties"].items():
+            assert prop.get("description"), f"{name}.{field} is undocumented"
+    edit_body = spec["paths"]["/edit"]["post"]["requestBody"]["content"]
+    assert set(edit_body) == {"application/json", "multipart/form-data"}
+    params = [p["name"] for p in spec["paths"]["/generate"]["post"]["parameters"]]
+    assert "Idempotency-Key" in params
