@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from ebca_common.queueing import RUN_JOB_TASK
+from worker.celery_app import app, settings
+
+
+def test_worker_consumes_the_gpu_queue_with_late_acks() -> None:
+    conf = app.conf
+    assert conf.task_default_queue == settings.queue == "gpu"
+    assert conf.task_routes[RUN_JOB_TASK] == {"queue": "gpu"}
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
+    options = conf.broker_transport_options
+    assert options["visibility_timeout"] == settings.visibility_timeout
+    assert options["unacked_restore_interval"] == settings.restore_interval
+
+
+def test_task_is_registered_under_the_shared_name() -> None:
+    import worker.tasks  # noqa: F401  (registers the task)
+
+    task = app.tasks[RUN_JOB_TASK]
+    assert task.acks_late and task.reject_on_worker_lost

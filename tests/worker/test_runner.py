@@ -1,0 +1,158 @@
+"""JobRunner with the real job store, local storage and the tiny model (no Celery)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ebca_common.jobs import JobStatus
+from ebca_common.settings import Settings
+from ebca_common.specs import EnergySpec, parse_generate
+from ebca_common.storage import LocalStorage
+from ebca_common.store import JobStore
+from ebca_core import Schedule
+from worker import pipelines
+from worker.pipelines import PipelineCache
+from worker.runner import JobRunner, energy_config
+
+
+class SpyStore(JobStore):
+    """The real store, recording progress calls and optionally cancelling at a given step."""
+
+    cancel_at: int | None = None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def progress(self, job_id: str, stage: str, step: int, total: int) -> bool:
+        self.calls.append((stage, step, total))
+        if self.cancel_at is not None and stage == "denoising" and step == self.cancel_at:
+            self.cancel(job_id)
+        return super().progress(job_id, stage, step, total)
+
+
+@pytest.fixture
+def settings(store_settings: Settings, tiny_model_dir: Path) -> Settings:
+    return store_settings.model_copy(update={"default_model": str(tiny_model_dir), "device": "cpu"})
+
+
+@pytest.fixture
+def store(settings: Settings) -> SpyStore:
+    return SpyStore(JobStore.from_settings(settings).r, settings)
+
+
+@pytest.fixture
+def runner(settings: Settings, store: SpyStore) -> JobRunner:
+    return JobRunner(store, LocalStorage(settings.storage_root), PipelineCache(settings), "test:1")
+
+
+def submit(store: JobStore, settings: Settings, **body: Any) -> str:
+    request = parse_generate({"prompt": "a red circle", "steps": 3, "seed": 5, **body})
+    data = request.model_dump(mode="json") | {"model": settings.default_model_id}
+    job, _ = store.create(
+        kind="generate", mode=None, request=data, total_steps=request.steps * request.num_images
+    )
+    return job.id
+
+
+def test_progress_at_every_step_and_result(runner: JobRunner, store: SpyStore, settings: Settings) -> None:
+    job_id = submit(store, settings, num_images=2)
+    assert runner.run(job_id) == "succeeded"
+    denoising = [step for stage, step, _ in store.calls if stage == "denoising"]
+    # Every step of both images (2 x 3) is recorded, counted across the job and never going back.
+    assert sorted(set(denoising)) == [0, 1, 2, 3, 4, 5, 6] and denoising == sorted(denoising)
+    assert ("uploading", 6, 6) in store.calls
+    job = store.get(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1
+    assert [i.seed for i in job.result.images] == [5, 6]
+    assert [i.key for i in job.result.images] == [f"jobs/{job_id}/0.png", f"jobs/{job_id}/1.png"]
+    assert job.result.images[1].settings["seed"] == 6 and job.result.images[1].settings["num_images"] == 1
+
+
+def test_pipeline_loaded_once_per_process(
+    runner: JobRunner, store: SpyStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str] = []
+    real = pipelines.load_pipeline
+
+    def counting(location: str, **kw: Any) -> Any:
+        loads.append(location)
+        return real(location, **kw)
+
+    monkeypatch.setattr(pipelines, "load_pipeline", counting)
+    for _ in range(3):
+        assert runner.run(submit(store, settings)) == "succeeded"
+    assert loads == [settings.model_table()[settings.default_model_id]]
+
+
+def test_cancel_stops_at_the_next_step(runner: JobRunner, store: SpyStore, settings: Settings) -> None:
+    store.cancel_at = 2
+    job_id = submit(store, settings, steps=10)
+    assert runner.run(job_id) == "canceled"
+    job = store.get(job_id)
+    assert job.status == JobStatus.CANCELED and job.result is None
+    assert max(step for stage, step, _ in store.calls if stage == "denoising") == 2
+    assert not (Path(settings.storage_root) / "jobs" / job_id).exists()
+
+
+def test_rerun_after_a_crash_overwrites_the_same_keys(
+    runner: JobRunner, store: SpyStore, settings: Settings
+) -> None:
+    job_id = submit(store, settings)
+    store.begin(job_id, "dead:1")  # a worker took it and died (it never beats)
+    assert runner.run(job_id) == "succeeded"
+    first = store.get(job_id)
+    assert first.attempts == 2
+    # A late duplicate delivery of a finished job does nothing.
+    assert runner.run(job_id) == "terminal"
+    files = sorted(p.name for p in (Path(settings.storage_root) / "jobs" / job_id).iterdir())
+    assert files == ["0.png"]
+
+
+class BrokenCache:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def get(self, model_id: str) -> Any:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory"),
+        (MemoryError(), "out_of_memory"),
+        (RuntimeError("something odd"), "internal_error"),
+    ],
+)
+def test_failures_get_stable_codes(
+    settings: Settings, store: SpyStore, runner: JobRunner, exc: BaseException, code: str
+) -> None:
+    broken = JobRunner(store, runner.storage, BrokenCache(exc), "test:2")  # type: ignore[arg-type]
+    job_id = submit(store, settings)
+    assert broken.run(job_id) == "failed"
+    assert store.get(job_id).error.code == code
+    # The process carries on: the next job runs normally.
+    assert runner.run(submit(store, settings)) == "succeeded"
+
+
+def test_invalid_input_names_the_field(runner: JobRunner, store: SpyStore, settings: Settings) -> None:
+    job_id = submit(store, settings, energy={"gamma_attn": 0.1, "token_weights": {"zebra": 2}})
+    assert runner.run(job_id) == "failed"
+    error = store.get(job_id).error
+    assert error.code == "invalid_input" and error.field.startswith("energy.token_weights")
+
+
+def test_energy_config_translation() -> None:
+    spec = EnergySpec(
+        gamma_attn=0.5, gamma_norm=0.25, schedule={"kind": "exp"}, token_weights={"crown": 2, "5": 3}
+    )
+    config = energy_config(spec)
+    assert config.gamma_attn == Schedule.from_kind("exp", 0.5, tau=1.0, ratio=1.0)
+    assert config.gamma_norm == Schedule.from_kind("exp", 0.25, tau=1.0, ratio=1.0)
+    assert config.token_weights == {"crown": 2.0, 5: 3.0}  # digit strings are token indices
+    assert energy_config(None) is None
