@@ -106,12 +106,15 @@ alive() { kill -0 "$1" 2>/dev/null; }
 
 STOPPING=0
 NAP=""
+say() { echo "$@" 2>/dev/null || true; }
 stop_all() {
   [ "$STOPPING" = 1 ] && return
   STOPPING=1
-  trap '' INT TERM
-  echo
-  echo "serve: stopping"
+  # Nothing may interrupt the cleanup: not a second Ctrl-C, not a closed terminal or pipe (SIGHUP,
+  # SIGPIPE on the next message), or the services would outlive the script.
+  trap '' INT TERM HUP PIPE
+  say
+  say "serve: stopping"
   # Reverse order: worker first (it may be mid-job), then the API, Redis last.
   local i pid deadline
   for ((i=${#PIDS[@]}-1; i>=0; i--)); do
@@ -125,11 +128,17 @@ stop_all() {
   done
   [ -n "$NAP" ] && kill "$NAP" 2>/dev/null || true
   rm -f "$PIDFILE"
-  echo "serve: stopped (logs in $LOGS)"
+  say "serve: stopped (logs in $LOGS)"
 }
 on_signal() { stop_all; exit 130; }
-trap on_signal INT TERM
+trap on_signal INT TERM HUP
 trap stop_all EXIT
+# bash cannot trap a signal that was ignored when it started (a job started with `&` from another
+# script ignores SIGINT): say how to stop the stack then.
+sigign="$(awk '/^SigIgn:/ {print $2}' "/proc/$$/status" 2>/dev/null || echo 0)"
+if [ $(( 0x${sigign:-0} & 2 )) -ne 0 ]; then
+  say "serve: note: Ctrl-C (SIGINT) is ignored in this shell; stop the stack with: kill $$" >&2
+fi
 
 fail() {
   local name="$1" log="$2"

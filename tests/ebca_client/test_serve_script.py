@@ -60,6 +60,20 @@ class OutputReader:
         return self.text
 
 
+def terminal_signals() -> None:
+    """In the child, before exec: SIGINT and SIGHUP as a terminal session has them. A runner started
+    in the background (CI) may ignore SIGINT, which a shell inherits and then cannot trap."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def start_serve(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, preexec_fn=terminal_signals,
+    )  # fmt: skip
+
+
 def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     port, redis_port = free_port(), free_port()
     var = tmp_path / "var"
@@ -70,10 +84,7 @@ def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, t
         argv.append("--no-setup")  # a developer venv not made by setup.sh: do not reinstall into it
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBCA_")}
     env.update(OMP_NUM_THREADS="1", EBCA_STACK_STOP_TIMEOUT="10")
-    proc = subprocess.Popen(
-        argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    proc = start_serve(argv, env)
     sessions: set[int] = set()
     try:
         output = OutputReader(proc)
@@ -152,3 +163,35 @@ def test_ebca_serve_runs_serve_sh() -> None:
     assert helped.returncode == 0 and "scripts/serve.sh [--host" in helped.stdout
     bad = subprocess.run([ebca, "serve", "--no-setup", "--bogus"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "serve: unknown option: --bogus" in bad.stderr
+
+
+def test_closed_terminal_still_stops_everything(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The terminal goes away: SIGHUP, and the pipe serve.sh writes its goodbye to has no reader. The
+    cleanup must neither die of SIGPIPE halfway nor leave a service behind."""
+    var = tmp_path / "var"
+    argv = ["bash", "scripts/serve.sh", "--no-setup", "--port", str(free_port()), "--var", str(var),
+            "--model", str(tiny_model_dir)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EBCA_")}
+    env.update(OMP_NUM_THREADS="1", EBCA_STACK_STOP_TIMEOUT="10")
+    proc = start_serve(argv, env)
+    sessions: set[int] = set()
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        while "press Ctrl-C to stop" not in proc.stdout.readline():
+            assert proc.poll() is None and time.monotonic() < deadline, "serve.sh did not come up"
+        pids = dict(line.split() for line in (var / "stack.pids").read_text().splitlines())
+        sessions = {int(pid) for pid in pids.values()} | {proc.pid}
+        assert len(session_members(sessions)) >= 4
+        proc.stdout.close()  # nobody reads serve.sh's output any more
+        os.killpg(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=60)
+        assert session_members(sessions) == set(), "processes left behind after the terminal closed"
+    finally:
+        if proc.poll() is None:
+            stop_session(proc)
+        for sid in sessions:
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
