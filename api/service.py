@@ -210,6 +210,12 @@ class JobService:
             )
         if upload is not None:
             image, fmt = decode_image(upload.data, name, self.settings.max_image_pixels)
+            if name == "image" and (image.size[0] % 8 or image.size[1] % 8):
+                # The VAE downsamples by 8: ebca_core refuses other sizes, so refuse them here, early.
+                raise ValidationFailed(
+                    f"image: width and height must be multiples of 8, got {image.size[0]}x{image.size[1]}",
+                    field="image",
+                )
             key = f"jobs/{job_id}/inputs/{name}.{fmt}"
             inputs[name] = (key, fmt)
             # The stored request references the stored upload, so it (and each image's settings) can be

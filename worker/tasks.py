@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from celery import Task
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from ebca_common.queueing import RUN_JOB_TASK
 from ebca_common.storage import storage_from_settings
 from ebca_common.store import JobStore
@@ -24,7 +28,12 @@ def runner() -> JobRunner:
     )
 
 
-@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: str) -> str:
+@app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self: Task, job_id: str) -> str:
     heartbeat.start()  # no-op when already beating for this process (pool=solo starts it at ready)
-    return runner().run(job_id)
+    try:
+        return runner().run(job_id)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # The job store blinked: a failed task would be acknowledged and the job stranded, so send
+        # the job id round again instead (the attempt count still bounds how often it can start).
+        raise self.retry(exc=exc, countdown=settings.retry_after_seconds, max_retries=None) from exc

@@ -128,6 +128,7 @@ def test_edit_422_cases(stack: Stack) -> None:
         (INPAINT, {"image": image, "mask": ("m.png", png((32, 32), 255, "L"), "image/png")}, "mask"),  # full
         (INPAINT, {"image": ("i.png", b"not an image at all", "image/png"), "mask": mask}, "image"),
         (INPAINT, {"image": ("i.png", png((300, 300)), "image/png"), "mask": mask}, "image"),  # > max pixels
+        (REAL, {"image": ("i.png", png((30, 30)), "image/png")}, "image"),  # not a multiple of 8
         ({**INPAINT, "image_ref": {"job_id": unknown}}, {"image": image, "mask": mask}, "image"),  # both
         (
             {**INPAINT, "image_ref": {"job_id": unknown}, "mask_ref": {"job_id": unknown}},
