@@ -1,6 +1,6 @@
 """Train the built-in "shapes" Stable-Diffusion-shaped model from scratch on CPU.
 
-    python -m ebca_shapes.train --out models/shapes --seed 0 --vae-steps 1000 --steps 5000
+    python -m ebca_shapes.train --out models/shapes --seed 0 --vae-steps 600 --steps 4000
 
 Three phases, all on the procedural data set of :mod:`ebca_shapes.data`:
 
@@ -66,6 +66,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     threads: int = 1
     log_every: int = 50
+    max_minutes: float | None = None  # safety cap on the UNet phase; stops early with a checkpoint
 
 
 def build_vae() -> AutoencoderKL:
@@ -279,6 +280,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     t_unet = time.time()
     last_ckpt = time.time()
     loss_ema = None
+    completed = cfg.steps
     for step in range(cfg.steps):
         if step < cfg.warmup:
             lr = cfg.lr * (step + 1) / cfg.warmup
@@ -315,6 +317,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 f"unet step {step} loss {loss.item():.4f} eps_mse {mse:.4f} (ema {loss_ema:.4f}) "
                 f"lr {lr:.2e} {rate:.2f} steps/s",
             )
+        if cfg.max_minutes is not None and time.time() - t_unet > cfg.max_minutes * 60:
+            _log(log, f"stopping early at step {step + 1}: --max-minutes {cfg.max_minutes} reached")
+            completed = step + 1
+            break
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()
@@ -327,7 +333,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         "vae_minutes": vae_minutes,
         "latent_std": std,
         "scaling_factor": 1.0 / std,
-        "steps": cfg.steps,
+        "steps": completed,
+        "planned_steps": cfg.steps,
         "batch": cfg.batch,
         "final_eps_mse_ema": float(loss_ema or 0.0),
         "unet_minutes": (time.time() - t_unet) / 60,
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--checkpoint-minutes", type=float, default=TrainConfig.checkpoint_minutes)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--max-minutes", type=float, default=None, help="cap on the UNet phase")
     args = parser.parse_args(argv)
     train(
         TrainConfig(
@@ -367,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             lr=args.lr,
             checkpoint_minutes=args.checkpoint_minutes,
             threads=args.threads,
+            max_minutes=args.max_minutes,
         )
     )
 
