@@ -134,11 +134,15 @@ class Stack:
         self.api_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200, 60, "the api")
 
-    def start_worker(self, wait: bool = True) -> Proc:
+    def start_worker(self, wait: bool = True, pool: str = "solo") -> Proc:
+        """Start ``celery -A worker.celery_app worker`` (no -Q: the app's default queue is the GPU queue).
+
+        ``pool="prefork"`` is the deployment default (one child process, EBCA_WORKER_CONCURRENCY=1).
+        """
         self._count += 1
         name = f"{self.name}-w{self._count}"
         argv = [
-            str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1",
+            str(BIN / "celery"), "-A", "worker.celery_app", "worker", f"--pool={pool}",
             "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         proc = spawn(name, argv, self.env, self.logdir)
@@ -164,11 +168,15 @@ class Stack:
     def live_workers(self) -> list[Proc]:
         return [w for w in self.workers if w.alive()]
 
-    def worker_of(self, job_id: str) -> Proc:
-        """The worker process that runs ``job_id`` now (from the job record's owner)."""
+    def owner_pid(self, job_id: str) -> int:
+        """The pid of the process that runs (or last ran) ``job_id``, from the job record's owner."""
         owner = json.loads(self.redis.hget(f"ebca:job:{job_id}", "owner") or "null")
         assert owner, f"job {job_id} has no owner"
-        pid = int(owner.rsplit(":", 1)[1])
+        return int(owner.rsplit(":", 1)[1])
+
+    def worker_of(self, job_id: str) -> Proc:
+        """The worker (pool=solo: the job runs in the worker process itself) that runs ``job_id``."""
+        pid = self.owner_pid(job_id)
         return next(w for w in self.workers if w.pid == pid)
 
     def shutdown(self) -> None:
@@ -301,6 +309,20 @@ def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str)
     try:
         s.start_api()
         s.start_worker()
+        yield s
+    finally:
+        s.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prefork_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
+    """A deployment whose one worker runs the default prefork pool (jobs run in a child process)."""
+    extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("prefork-storage")),
+             "EBCA_DEFAULT_MODEL": str(tiny_model_dir)}  # fmt: skip
+    s = _make_stack("prefork", 2, extra, redis_port, logdir)
+    try:
+        s.start_api()
+        s.start_worker(pool="prefork")
         yield s
     finally:
         s.shutdown()

@@ -3,7 +3,9 @@ fail the job but leave the worker healthy."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -137,3 +139,23 @@ def test_model_errors_fail_the_job_and_the_worker_stays_healthy(stack: Stack) ->
     for _ in range(3):
         assert stack.wait_job(submit(stack, QUICK))["status"] == "succeeded"
     assert worker.alive()
+
+
+def test_prefork_child_killed_mid_job_runs_again(prefork_stack: Stack) -> None:
+    stack = prefork_stack
+    job_id = submit(stack, SLOW)
+    stack.wait_job(job_id, running_at_step(3), timeout=120)
+    (parent,) = stack.workers
+    child = stack.owner_pid(job_id)
+    assert child != parent.pid  # the default pool runs jobs in a child process
+    os.kill(child, signal.SIGKILL)
+    # The parent notices the lost child and hands the message back (reject_on_worker_lost); a new
+    # child takes the job once the dead child's heartbeat has gone stale.
+    job = stack.wait_job(job_id, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    assert stack.owner_pid(job_id) not in (child, parent.pid)
+    assert parent.alive()
+    start = time.monotonic()
+    assert stack.wait_job(submit(stack, QUICK))["status"] == "succeeded"
+    assert time.monotonic() - start < 60
