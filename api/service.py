@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,7 +108,11 @@ class JobService:
         fp: str,
         plan: dict[str, Any] | None = None,
         inputs: dict[str, str] | None = None,
+        before_publish: Callable[[], None] | None = None,
     ) -> Submission:
+        """Create the job, run ``before_publish`` (store its uploads), then queue it. If any step after
+        the creation fails, the job is removed again: a client never sees a job that cannot run, and
+        nothing is written for a request that is refused (Redis down: nothing at all)."""
         idempotency = (idempotency_key, fp) if idempotency_key else None
         job, created = self.store.create(
             kind=kind,
@@ -121,10 +126,17 @@ class JobService:
         )
         if created:
             try:
+                if before_publish is not None:
+                    before_publish()
                 self.publisher.publish(job.id)
             except Exception:
                 # The job was never queued: remove it so no client ever sees a job that cannot run.
                 self.store.discard(job.id, idempotency_key)
+                for key in (inputs or {}).values():
+                    try:
+                        self.storage.delete(key)
+                    except Exception:  # best effort: the refusal below is what the client needs
+                        pass
                 raise
         return Submission(job, created)
 
@@ -181,7 +193,6 @@ class JobService:
         if isinstance(request, InpaintRequest):
             mask = self._input_image(request.mask_ref, uploads.get("mask"), "mask", job_id, data, inputs)
             check_mask(image, mask)
-        self._store_inputs(inputs, uploads, job_id)
         return self._submit(
             kind="edit",
             mode=request.mode,
@@ -191,6 +202,7 @@ class JobService:
             idempotency_key=idempotency_key,
             fp=fp,
             inputs={name: key for name, (key, _fmt) in inputs.items()},
+            before_publish=lambda: self._store_inputs(inputs, uploads),
         )
 
     def _input_image(
@@ -230,7 +242,7 @@ class JobService:
         image, _ = decode_image(self.storage.get(key), name, self.settings.max_image_pixels)
         return image
 
-    def _store_inputs(self, inputs: dict[str, Any], uploads: dict[str, Upload], job_id: str) -> None:
+    def _store_inputs(self, inputs: dict[str, Any], uploads: dict[str, Upload]) -> None:
         content_types = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
         for name, (key, fmt) in inputs.items():
             self.storage.put(key, uploads[name].data, content_types.get(fmt, "application/octet-stream"))

@@ -38,6 +38,10 @@ class Storage(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are fine."""
+
+    @abstractmethod
     def presigned_url(self, key: str) -> str | None:
         """A time-limited download URL, or None when the api serves the bytes itself (local store)."""
 
@@ -75,6 +79,12 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key}: {exc}") from exc
 
     def presigned_url(self, key: str) -> str | None:
         return None
@@ -155,6 +165,14 @@ class S3Storage(Storage):
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return False
             raise StorageError(f"cannot stat {key} in s3://{self.bucket}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot delete {key} from s3://{self.bucket}: {exc}") from exc
 
     def presigned_url(self, key: str) -> str | None:
         return self.client.generate_presigned_url(

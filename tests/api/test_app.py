@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -143,3 +144,20 @@ def test_openapi_documents_every_request_field(app_parts) -> None:
     assert set(edit_body) == {"application/json", "multipart/form-data"}
     params = [p["name"] for p in spec["paths"]["/generate"]["post"]["parameters"]]
     assert "Idempotency-Key" in params
+
+
+def test_refused_edit_writes_no_upload(store_settings: Settings) -> None:
+    store = JobStore.from_settings(store_settings)
+    client = TestClient(create_app(store_settings, store=store, publisher=FakeQueue(fail=True)))
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(buf, format="PNG")
+    request = {"mode": "real", "source_prompt": "x", "edits": [{"prompt": "y"}]}
+    response = client.post(
+        "/edit",
+        data={"request": json.dumps(request)},
+        files={"image": ("a.png", buf.getvalue(), "image/png")},
+    )
+    assert response.status_code == 503
+    assert store.job_count() == 0
+    storage_root = Path(store_settings.storage_root)
+    assert not storage_root.exists() or not any(p.is_file() for p in storage_root.rglob("*"))

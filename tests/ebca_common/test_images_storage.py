@@ -81,6 +81,9 @@ def test_local_storage_overwrites_and_rejects_escapes(tmp_path: Path) -> None:
     assert store.presigned_url("jobs/a/0.png") is None
     with pytest.raises(ObjectNotFound):
         store.get("jobs/a/1.png")
+    store.delete("jobs/a/0.png")
+    store.delete("jobs/a/0.png")  # absent is fine
+    assert not store.exists("jobs/a/0.png")
     for key in ("../x", "/etc/passwd", "jobs//x", "jobs/./x", ""):
         with pytest.raises(ValueError):
             check_key(key)
