@@ -169,8 +169,11 @@ class ProgressDisplay:
     def describe(info: JobInfo, bar_width: int = BAR) -> str:
         short = info.id[:8]
         if info.status == "queued":
-            where = f" (position {info.queue_position})" if info.queue_position is not None else ""
-            return f"job {short} queued{where}"
+            # queue_position is the 0-based rank among queued jobs, i.e. how many are ahead of this one.
+            if info.queue_position is None:
+                return f"job {short} queued"
+            ahead = "next in line" if info.queue_position == 0 else f"{info.queue_position} ahead"
+            return f"job {short} queued ({ahead})"
         if info.status == "running":
             p = info.progress
             if p.stage in ("denoising", "inverting") and p.total > 0:

@@ -191,7 +191,9 @@ def test_progress_line_shows_queue_then_steps() -> None:
     running = JobInfo.model_validate(
         {"id": "abcdef0123", "status": "running", "progress": {"stage": "denoising", "step": 3, "total": 12}}
     )
-    assert cli.ProgressDisplay.describe(queued) == "job abcdef01 queued (position 2)"
+    assert cli.ProgressDisplay.describe(queued) == "job abcdef01 queued (2 ahead)"
+    first = queued.model_copy(update={"queue_position": 0})
+    assert cli.ProgressDisplay.describe(first) == "job abcdef01 queued (next in line)"
     assert cli.ProgressDisplay.describe(running, bar_width=4) == "job abcdef01 denoising [#---] step 3/12"
     stream = io.StringIO()
     display = cli.ProgressDisplay(stream, enabled=True)
@@ -199,7 +201,7 @@ def test_progress_line_shows_queue_then_steps() -> None:
     display.update(running)
     display.close()
     text = stream.getvalue()
-    assert text.count("\r\x1b[K") == 3 and "queued (position 2)" in text and "step 3/12" in text
+    assert text.count("\r\x1b[K") == 3 and "queued (2 ahead)" in text and "step 3/12" in text
     silent = io.StringIO()
     cli.ProgressDisplay(silent, enabled=False).update(queued)
     assert silent.getvalue() == ""
