@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     queue: str = Field("gpu", description="Celery queue the api publishes to and the worker consumes.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `celery worker`.")
+    max_cached_models: int = Field(2, ge=1, description="Pipelines a worker process keeps loaded (LRU).")
     visibility_timeout: float = Field(
         3600.0, gt=0, description="Seconds before an unacknowledged job is redelivered (Redis broker)."
     )

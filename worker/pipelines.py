@@ -1,11 +1,14 @@
 """A per-process cache of loaded pipelines, keyed by model id: a model is loaded once per worker
-process and reused by every later job that names it."""
+process and reused by every later job that names it (up to EBCA_MAX_CACHED_MODELS models, least
+recently used evicted first, so a worker serving many models does not run out of GPU memory)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -36,7 +39,10 @@ class PipelineCache:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self._pipes: dict[str, Any] = {}
+        self._pipes: OrderedDict[str, Any] = OrderedDict()
+        # The scheduler each model was loaded with: every job starts from it, so a job's result does
+        # not depend on which scheduler the previous job on this worker chose.
+        self._schedulers: dict[str, Any] = {}
         self._lock = threading.Lock()
         #: Seconds each model took to load (the first job's extra cost; later jobs pay nothing).
         self.load_seconds: dict[str, float] = {}
@@ -44,17 +50,30 @@ class PipelineCache:
     def get(self, model_id: str) -> Any:
         with self._lock:
             pipe = self._pipes.get(model_id)
-            if pipe is not None:
-                return pipe
-            location = self.settings.model_table().get(model_id)
-            if location is None:
-                raise ModelNotFoundError(f"model {model_id!r} is not configured on this worker")
-            start = time.perf_counter()
-            pipe = load_pipeline(location, device=self.device, dtype=self.dtype)
-            self.load_seconds[model_id] = time.perf_counter() - start
-            log.info("loaded model %s from %s in %.2fs", model_id, location, self.load_seconds[model_id])
-            self._pipes[model_id] = pipe
+            if pipe is None:
+                pipe = self._load(model_id)
+            self._pipes.move_to_end(model_id)
+            pipe.scheduler = self._schedulers[model_id]
             return pipe
+
+    def _load(self, model_id: str) -> Any:
+        location = self.settings.model_table().get(model_id)
+        if location is None:
+            raise ModelNotFoundError(f"model {model_id!r} is not configured on this worker")
+        while len(self._pipes) >= self.settings.max_cached_models:
+            evicted, _ = self._pipes.popitem(last=False)
+            self._schedulers.pop(evicted, None)
+            log.info("evicted model %s from the pipeline cache", evicted)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        start = time.perf_counter()
+        pipe = load_pipeline(location, device=self.device, dtype=self.dtype)
+        self.load_seconds[model_id] = time.perf_counter() - start
+        log.info("loaded model %s from %s in %.2fs", model_id, location, self.load_seconds[model_id])
+        self._pipes[model_id] = pipe
+        self._schedulers[model_id] = pipe.scheduler
+        return pipe
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._pipes

@@ -156,3 +156,24 @@ def test_energy_config_translation() -> None:
     assert config.gamma_norm == Schedule.from_kind("exp", 0.25, tau=1.0, ratio=1.0)
     assert config.token_weights == {"crown": 2.0, 5: 3.0}  # digit strings are token indices
     assert energy_config(None) is None
+
+
+def test_cache_evicts_least_recently_used(
+    settings: Settings, tiny_sd2_model_dir: Path, tiny_inpaint_model_dir: Path
+) -> None:
+    models = {"sd2": str(tiny_sd2_model_dir), "inpaint": str(tiny_inpaint_model_dir)}
+    cache = PipelineCache(settings.model_copy(update={"models": models, "max_cached_models": 2}))
+    default = settings.default_model_id
+    first = cache.get(default)
+    cache.get("sd2")
+    assert cache.get(default) is first  # a hit refreshes it
+    cache.get("inpaint")  # evicts sd2, the least recently used
+    assert default in cache and "inpaint" in cache and "sd2" not in cache
+
+
+def test_every_job_starts_from_the_models_own_scheduler(settings: Settings) -> None:
+    cache = PipelineCache(settings)
+    pipe = cache.get(settings.default_model_id)
+    original = pipe.scheduler
+    pipe.set_scheduler("euler")
+    assert cache.get(settings.default_model_id).scheduler is original
