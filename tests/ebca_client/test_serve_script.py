@@ -3,6 +3,7 @@ and Ctrl-C (SIGINT to its process group, as a terminal sends it) stops every pro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -21,10 +22,23 @@ EBCA = str(Path(sys.executable).with_name("ebca"))
 
 
 def setup_is_current() -> bool:
-    """True when scripts/setup.sh already ran for this pyproject.toml (as in CI), so serve.sh may run
-    its setup step for real and must find nothing to do."""
+    """True when scripts/setup.sh already ran for this pyproject.toml and torch spec (as in CI), so
+    serve.sh may run its setup step for real and must find nothing to do. The stamp format is
+    scripts/setup.sh's: "<sha256 of pyproject.toml> <torch spec>"."""
     stamp = REPO_ROOT / ".venv" / ".ebca-setup"
-    return stamp.is_file() and Path(sys.executable).resolve().is_relative_to((REPO_ROOT / ".venv").resolve())
+    if not stamp.is_file():
+        return False
+    digest = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    spec = os.environ.get("EBCA_TORCH_SPEC", "torch==2.13.0")
+    return stamp.read_text().strip() == f"{digest} {spec}"
+
+
+def stack_env() -> dict[str, str]:
+    """The caller's environment without service settings (the stack must not pick up a developer's
+    EBCA_REDIS_URL...), but with setup.sh's own EBCA_TORCH_SPEC."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EBCA_") or k == "EBCA_TORCH_SPEC"}
+    env.update(OMP_NUM_THREADS="1", EBCA_STACK_STOP_TIMEOUT="10")
+    return env
 
 
 class OutputReader:
@@ -82,8 +96,7 @@ def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, t
     reuse_setup = setup_is_current()
     if not reuse_setup:
         argv.append("--no-setup")  # a developer venv not made by setup.sh: do not reinstall into it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EBCA_")}
-    env.update(OMP_NUM_THREADS="1", EBCA_STACK_STOP_TIMEOUT="10")
+    env = stack_env()
     proc = start_serve(argv, env)
     sessions: set[int] = set()
     try:
@@ -171,8 +184,7 @@ def test_closed_terminal_still_stops_everything(tmp_path: Path, tiny_model_dir: 
     var = tmp_path / "var"
     argv = ["bash", "scripts/serve.sh", "--no-setup", "--port", str(free_port()), "--var", str(var),
             "--model", str(tiny_model_dir)]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EBCA_")}
-    env.update(OMP_NUM_THREADS="1", EBCA_STACK_STOP_TIMEOUT="10")
+    env = stack_env()
     proc = start_serve(argv, env)
     sessions: set[int] = set()
     try:
