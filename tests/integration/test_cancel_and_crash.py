@@ -64,8 +64,8 @@ def test_cancel_running_job(stack: Stack) -> None:
 
 def test_cancel_queued_job_never_starts(stack: Stack) -> None:
     ensure_workers(stack)
-    busy = [submit(stack, SLOW), submit(stack, SLOW)]
-    for job_id in busy:  # both workers are now running a job, so the next ones wait in the queue
+    busy = [submit(stack, SLOW) for _ in stack.live_workers()]
+    for job_id in busy:  # every worker is now running a job, so the next ones wait in the queue
         stack.wait_job(job_id, running_at_step(1))
     queued = [submit(stack, QUICK), submit(stack, QUICK)]
     first, second = (stack.job(job_id) for job_id in queued)
