@@ -266,3 +266,35 @@ async def test_async_timeout_and_cancel(api: FakeAPI) -> None:
             await job.wait(timeout=0.1, poll_interval=0.01)
         canceled = await client.cancel(job)
     assert canceled.status == "canceled"
+
+
+def test_download_follows_redirect_to_presigned_url(tmp_path: Path) -> None:
+    """S3 storage: the API answers 307 to a presigned URL on another host; the client follows it
+    (without sending its own headers there) and still checks the digest."""
+    api = FakeAPI()
+    seen_on_s3: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "s3.test":
+            seen_on_s3.append(request)
+            return httpx.Response(200, content=api.image, headers={"content-type": "image/png"})
+        if "/images/" in request.url.path:
+            return httpx.Response(
+                307, headers={"location": "http://s3.test/bucket/key.png?X-Amz-Signature=abc"}
+            )
+        return api.handle(request)
+
+    with Client(
+        "http://api.test",
+        retry=FAST,
+        transport=httpx.MockTransport(handler),
+        headers={"Authorization": "Bearer t"},
+    ) as client:
+        job = client.generate("a cat")
+        api.script(job.id, api.succeeded(job.id))
+        job.wait(timeout=5, poll_interval=0.001)
+        (path,) = job.save(tmp_path)
+    assert path.read_bytes() == api.image
+    (s3_request,) = seen_on_s3
+    assert s3_request.url.params["X-Amz-Signature"] == "abc"
+    assert "authorization" not in s3_request.headers
