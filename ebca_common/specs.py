@@ -26,8 +26,9 @@ _WORD = re.compile(r"^\S+$")
 
 
 class _Strict(BaseModel):
-    # Unknown fields are a client mistake worth naming (a typo such as "step" would otherwise be ignored).
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are a client mistake worth naming (a typo such as "step" would otherwise be ignored);
+    # strict types refuse what JSON should not mean: true as 1, 16.0 as a pixel count, "7" as a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ScheduleSpec(_Strict):

@@ -35,6 +35,8 @@ def test_defaults_are_filled_in() -> None:
         ({"prompt": "x", "energy": {"token_weights": {"cat": -1}}}, "energy.token_weights"),
         ({"prompt": "x", "width": 2056}, "width"),
         ({}, "prompt"),
+        ({"prompt": "x", "num_images": True}, "num_images"),
+        ({"prompt": "x", "seed": "12"}, "seed"),
     ],
 )
 def test_generate_errors_name_the_field(body: dict, field: str) -> None:
