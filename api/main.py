@@ -280,7 +280,7 @@ async def _parse_multipart(request: Request, raw: bytes, settings: Settings) -> 
         yield raw
 
     parser = MultiPartParser(
-        request.headers, body(), max_files=2, max_fields=1, max_part_size=settings.max_json_bytes
+        request.headers, body(), max_files=3, max_fields=1, max_part_size=settings.max_json_bytes
     )
     try:
         form = await parser.parse()
@@ -289,7 +289,18 @@ async def _parse_multipart(request: Request, raw: bytes, settings: Settings) -> 
     uploads: dict[str, Upload] = {}
     request_part: Any = None
     for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
+        if isinstance(value, UploadFile) and name == "request":
+            # Some clients send the JSON part as a file (with a filename or application/json type).
+            raw_request = await value.read()
+            if len(raw_request) > settings.max_json_bytes:
+                raise PayloadTooLarge(
+                    f"request: over the limit of {settings.max_json_bytes} bytes", field="request"
+                )
+            try:
+                request_part = raw_request.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValidationFailed("request: not UTF-8 text", field="request") from None
+        elif isinstance(value, UploadFile):
             data = await value.read()
             if len(data) > settings.max_upload_bytes:
                 raise PayloadTooLarge(

@@ -161,3 +161,17 @@ def test_refused_edit_writes_no_upload(store_settings: Settings) -> None:
     assert store.job_count() == 0
     storage_root = Path(store_settings.storage_root)
     assert not storage_root.exists() or not any(p.is_file() for p in storage_root.rglob("*"))
+
+
+def test_request_part_may_be_sent_as_a_file(app_parts, queue: FakeQueue) -> None:
+    client, _ = app_parts
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(buf, format="PNG")
+    request = json.dumps({"mode": "real", "source_prompt": "x", "edits": [{"prompt": "y"}]}).encode()
+    files = {
+        "request": ("request.json", request, "application/json"),
+        "image": ("a.png", buf.getvalue(), "image/png"),
+    }
+    response = client.post("/edit", files=files)
+    assert response.status_code == 202, response.text
+    assert response.json()["mode"] == "real" and queue.sent == [response.json()["id"]]
