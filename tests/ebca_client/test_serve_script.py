@@ -207,3 +207,31 @@ def test_closed_terminal_still_stops_everything(tmp_path: Path, tiny_model_dir: 
                 os.killpg(sid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def test_a_service_that_dies_takes_the_stack_down_with_its_log(tmp_path: Path, tiny_model_dir: Path) -> None:
+    var = tmp_path / "var"
+    argv = ["bash", "scripts/serve.sh", "--no-setup", "--port", str(free_port()), "--var", str(var),
+            "--model", str(tiny_model_dir)]  # fmt: skip
+    proc = start_serve(argv, stack_env())
+    sessions: set[int] = set()
+    try:
+        output = OutputReader(proc)
+        output.wait_for("press Ctrl-C to stop", timeout=180)
+        pids = dict(line.split() for line in (var / "stack.pids").read_text().splitlines())
+        sessions = {int(pid) for pid in pids.values()} | {proc.pid}
+        os.kill(int(pids["api"]), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        text = output.finish()
+        assert "serve: api exited unexpectedly; last lines of" in text
+        assert "Uvicorn running on" in text  # the tail of api.log comes with it
+        assert "serve: stopped" in text
+        assert session_members(sessions) == set()
+    finally:
+        if proc.poll() is None:
+            stop_session(proc)
+        for sid in sessions:
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
