@@ -9,7 +9,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
@@ -68,7 +68,6 @@ class Upload:
 class Submission:
     job: Job
     created: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def fingerprint(endpoint: str, body: Any, uploads: dict[str, Upload] | None = None) -> str:

@@ -252,11 +252,10 @@ class JobStore:
                         pipe.unwatch()
                         raise Conflict(f"job {job_id!r} already finished ({status.value}); nothing to cancel")
                     pipe.multi()
+                    pipe.hset(key, "cancel_requested", json.dumps(True))
                     if status == JobStatus.QUEUED:
+                        # Never started: canceled at once; its queue message is dropped on delivery.
                         self._finish_fields(pipe, job_id, JobStatus.CANCELED)
-                        pipe.hset(key, "cancel_requested", json.dumps(True))
-                    else:
-                        pipe.hset(key, "cancel_requested", json.dumps(True))
                     pipe.execute()
                     break
                 except WatchError:

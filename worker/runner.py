@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ebca_common.errors import ServiceError, ValidationFailed
 from ebca_common.images import encode_image, sha256_hex
@@ -100,10 +102,14 @@ class JobRunner:
     # -- entry point -------------------------------------------------------------------------------------
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state; returns what happened (for logs and tests)."""
+        waited = False
         while True:
             begin = self.store.begin(job_id, self.owner)
             if begin.outcome != "duplicate":
                 break
+            if not waited:
+                log.info("job %s: redelivered while %s still runs it; waiting", job_id, begin.record["owner"])
+                waited = True
             # The broker redelivered a job whose worker is alive and still running it (visibility
             # timeout shorter than the job). Hold the message until that worker finishes or dies, so
             # the job is neither run twice nor lost if it dies later.
@@ -120,6 +126,8 @@ class JobRunner:
         except JobCanceled:
             outcome = "canceled"
             self.store.finish(job_id, JobStatus.CANCELED)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise  # the job store is away: not the job's fault; the task sends it round again
         except Exception as exc:  # every failure ends the job with a stable code; the worker lives on
             code, message, field = self._classify(exc)
             outcome = "failed"

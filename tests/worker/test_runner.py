@@ -177,3 +177,27 @@ def test_every_job_starts_from_the_models_own_scheduler(settings: Settings) -> N
     original = pipe.scheduler
     pipe.set_scheduler("euler")
     assert cache.get(settings.default_model_id).scheduler is original
+
+
+def test_a_store_outage_mid_job_is_raised_for_a_retry(
+    runner: JobRunner, store: SpyStore, settings: Settings
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    calls = {"n": 0}
+    real_progress = store.progress
+
+    def flaky(job_id: str, stage: str, step: int, total: int) -> bool:
+        calls["n"] += 1
+        if stage == "denoising" and step == 2 and calls["n"] < 10:
+            raise RedisConnectionError("connection reset")
+        return real_progress(job_id, stage, step, total)
+
+    store.progress = flaky  # type: ignore[method-assign]
+    job_id = submit(store, settings)
+    with pytest.raises(RedisConnectionError):
+        runner.run(job_id)  # not recorded as a job failure: the Celery task retries it
+    assert store.get(job_id).status == JobStatus.RUNNING
+    calls["n"] = 100
+    assert runner.run(job_id) == "succeeded"
+    assert store.get(job_id).attempts == 2
