@@ -1,5 +1,11 @@
 #!/bin/sh
-# Entry point of the GPU worker image: give this container one GPU of its own, then run the command.
+# Entry point of the GPU worker image: fetch the default model if it is a hub id, give this container
+# one GPU of its own, then run the command.
+#
+# Hub model: when EBCA_DEFAULT_MODEL is a hub id (owner/name, not an existing path) and
+# HF_HUB_OFFLINE is not 1, it is downloaded into $HF_HOME (a volume) before the worker starts, with
+# the same file selection as loading it, so the first job does not wait for it. A failed download is
+# reported and the worker starts anyway (jobs on that model then fail with model_not_found).
 #
 # `docker compose up --scale worker=N` starts N identical containers, and Docker hands every one of
 # them the same first GPU when each reserves `count: 1`. So each worker container sees all GPUs and
@@ -12,6 +18,19 @@
 set -eu
 
 LOCK_DIR="${EBCA_GPU_LOCK_DIR:-/run/ebca-gpus}"
+
+prefetch_model() {
+  model="${EBCA_DEFAULT_MODEL:-}"
+  [ "${HF_HUB_OFFLINE:-0}" = "1" ] && return 0
+  [ -e "$model" ] && return 0
+  # A hub id is exactly owner/name; anything else (absolute or deeper paths) is a directory.
+  printf '%s\n' "$model" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$' || return 0
+  echo "ebca-worker: fetching $model from the hub into ${HF_HOME:-the Hugging Face cache}" >&2
+  if ! python -c 'import sys; from diffusers import DiffusionPipeline; DiffusionPipeline.download(sys.argv[1])' "$model"; then
+    echo "ebca-worker: warning: could not fetch $model; jobs on it will fail with model_not_found" >&2
+  fi
+}
+prefetch_model
 
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || [ "${EBCA_GPU_PICK:-1}" = "0" ]; then
   exec "$@"

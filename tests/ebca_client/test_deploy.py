@@ -243,3 +243,40 @@ def test_worker_entrypoint_gives_each_replica_its_own_gpu(tmp_path: Path) -> Non
     for proc in (first, second):
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_worker_entrypoint_prefetches_a_hub_model_only(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "python-calls"
+    # A stand-in python that records what it was asked to run and fails when told to.
+    fake_python = bin_dir / "python"
+    fake_python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ -z "$FAIL_FETCH" ]\n')
+    fake_python.chmod(0o755)
+    entry = str(REPO_ROOT / "scripts" / "stack_worker_entrypoint.sh")
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0"}
+
+    def start(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [entry, "echo", "worker started"], env={**base, **env}, capture_output=True, text=True, timeout=30
+        )
+
+    hub = start(EBCA_DEFAULT_MODEL="stabilityai/stable-diffusion-2-1")
+    assert hub.stdout == "worker started\n"
+    assert "fetching stabilityai/stable-diffusion-2-1 from the hub" in hub.stderr
+    assert (
+        calls.read_text()
+        .splitlines()[-1]
+        .endswith("DiffusionPipeline.download(sys.argv[1]) stabilityai/stable-diffusion-2-1")
+    )
+    count = len(calls.read_text().splitlines())
+    for env in (
+        {"EBCA_DEFAULT_MODEL": "/models/shapes"},
+        {"EBCA_DEFAULT_MODEL": "org/model", "HF_HUB_OFFLINE": "1"},
+        {},
+    ):
+        assert start(**env).stdout == "worker started\n"
+    assert len(calls.read_text().splitlines()) == count  # no fetch for a path, offline, or no model
+    failed = start(EBCA_DEFAULT_MODEL="org/missing", FAIL_FETCH="1")
+    assert failed.stdout == "worker started\n"
+    assert "could not fetch org/missing" in failed.stderr
