@@ -887,7 +887,8 @@ class EBCAPipeline:
             do_cfg=do_cfg,
             edits=[],
             edit_uncond=None,
-            region_mask=latent_mask,
+            # The mask only matters to the BCU: without energy the plain kernels run.
+            region_mask=latent_mask if energy is not None else None,
             record_energy=False,
         )
         if on_stage is not None:
