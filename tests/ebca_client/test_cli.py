@@ -220,3 +220,17 @@ def test_serve_arguments_are_split_off_for_serve_sh() -> None:
     # "serve" as a prompt is not the serve command.
     assert cli.split_serve(parser, ["generate", "serve", "--steps", "2"]) is None
     assert cli.split_serve(parser, ["models"]) is None
+
+
+def test_ctrl_c_while_waiting_leaves_the_job_running_and_says_so(
+    api: FakeAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupt(self: cli.ProgressDisplay, info: JobInfo) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ProgressDisplay, "update", interrupt)
+    code, out, err = run("generate", "a cat")
+    (job_id,) = api.jobs
+    assert code == cli.EXIT_INTERRUPTED and out == ""
+    assert f"interrupted: job {job_id} continues on the server (stop it: ebca jobs cancel {job_id})" in err
+    assert api.jobs[job_id]["status"] == "queued"
