@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -156,6 +155,4 @@ def test_prefork_child_killed_mid_job_runs_again(prefork_stack: Stack) -> None:
     assert job["attempts"] == 2
     assert stack.owner_pid(job_id) not in (child, parent.pid)
     assert parent.alive()
-    start = time.monotonic()
-    assert stack.wait_job(submit(stack, QUICK))["status"] == "succeeded"
-    assert time.monotonic() - start < 60
+    assert stack.wait_job(submit(stack, QUICK))["status"] == "succeeded"  # the worker serves on
