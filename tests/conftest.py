@@ -70,6 +70,8 @@ def store_settings(tmp_path: Path):
         redis_url="redis://127.0.0.1:6379/0",
         key_prefix=prefix,
         storage_url=str(tmp_path / "storage"),
+        default_model="models/shapes",
+        models={},
         heartbeat_ttl=2.0,
     )
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))

@@ -87,6 +87,8 @@ def test_limits_from_settings() -> None:
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("EBCA_DEFAULT_MODEL", "EBCA_STORAGE_URL", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EBCA_MODELS", '{"sd15": "runwayml/stable-diffusion-v1-5", "local": "./models/other"}')
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
