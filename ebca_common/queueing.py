@@ -39,7 +39,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": settings.redis_timeout_seconds,
         },
         "broker_connection_timeout": settings.redis_timeout_seconds,
-        "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "worker_enable_remote_control": True,
     }
