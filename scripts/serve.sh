@@ -117,7 +117,9 @@ PIDFILE="$VAR/stack.pids"
 
 start() {  # start NAME LOGFILE COMMAND...
   local name="$1" log="$2"; shift 2
-  setsid "$@" >>"$log" 2>&1 < /dev/null &
+  # One log per run (the previous one kept as .1), so what this run waits for is from this run.
+  [ -f "$log" ] && mv -f "$log" "$log.1"
+  setsid "$@" >"$log" 2>&1 < /dev/null &
   PIDS+=("$!")
   NAMES+=("$name")
   echo "$name $!" >> "$PIDFILE"
@@ -184,7 +186,10 @@ start worker "$LOGS/worker.log" "$ROOT/.venv/bin/celery" -A worker.celery_app wo
 URL="http://$HOST:$PORT"
 echo "serve: waiting for $URL/readyz (Redis on port $REDIS_PORT, model $MODEL_SHOWN, logs in $LOGS)"
 deadline=$((SECONDS + READY_TIMEOUT))
-until "$PY" -c 'import httpx,sys; sys.exit(httpx.get(sys.argv[1], timeout=2).status_code != 200)' \
+# Ready means /readyz answers 200 *and* this run's worker said so: Redis keeps its data between runs,
+# and a heartbeat the previous run's worker left (it lives a few seconds) would satisfy /readyz alone.
+until grep -q "stack-worker@.* ready\." "$LOGS/worker.log" 2>/dev/null \
+  && "$PY" -c 'import httpx,sys; sys.exit(httpx.get(sys.argv[1], timeout=2).status_code != 200)' \
   "$URL/readyz" 2>/dev/null; do
   for i in "${!PIDS[@]}"; do
     alive "${PIDS[$i]}" || fail "${NAMES[$i]}" "$LOGS/${NAMES[$i]}.log"

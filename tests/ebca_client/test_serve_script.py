@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,8 @@ def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, t
         if reuse_setup:
             assert "setup: .venv is up to date" in banner
 
+        # The banner comes only once this run's worker is up, not on a stale heartbeat.
+        assert re.search(r"stack-worker@\S+ ready\.", (var / "logs" / "worker.log").read_text())
         pids = dict(line.split() for line in (var / "stack.pids").read_text().splitlines())
         assert set(pids) == {"redis", "api", "worker"}
         sessions = {int(pid) for pid in pids.values()} | {proc.pid}
