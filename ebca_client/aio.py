@@ -26,7 +26,8 @@ USER_AGENT = "ebca-client/0.1"
 
 
 class AsyncJob:
-    """A handle on one job. ``info`` is the last record fetched; ``refresh()`` fetches a new one."""
+    """A handle on one job. ``info`` is the last record fetched (its fields also read directly off the
+    handle: ``job.result``, ``job.error``); ``refresh()`` fetches a new one."""
 
     def __init__(self, client: AsyncClient, info: JobInfo) -> None:
         self._client = client
@@ -46,6 +47,16 @@ class AsyncJob:
     @property
     def done(self) -> bool:
         return self.info.is_terminal
+
+    def __getattr__(self, name: str) -> Any:
+        # The record's fields read straight off the handle: job.result, job.error, job.progress, ...
+        # (only reached for names the handle itself does not define).
+        if name == "info" or name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.info, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
 
     async def refresh(self) -> JobInfo:
         self.info = await self._client._get_job_info(self.id)

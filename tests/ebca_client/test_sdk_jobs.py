@@ -298,3 +298,14 @@ def test_download_follows_redirect_to_presigned_url(tmp_path: Path) -> None:
     (s3_request,) = seen_on_s3
     assert s3_request.url.params["X-Amz-Signature"] == "abc"
     assert "authorization" not in s3_request.headers
+
+
+def test_record_fields_read_off_the_handle(api: FakeAPI, client: Client) -> None:
+    job = client.generate("a cat")
+    failure = {"status": "failed", "error": {"code": "out_of_memory", "message": "CUDA OOM"}}
+    api.script(job.id, failure)
+    assert job.wait(timeout=5, poll_interval=0.001, raise_on_failure=False) is job
+    assert (job.kind, job.status, job.error.code, job.result) == ("generate", "failed", "out_of_memory", None)
+    assert job.progress.total == 4 and job.request == {"prompt": "a cat"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = job.nope
