@@ -2,7 +2,7 @@
 # Set up (or reuse) the project's virtualenv in .venv: torch first, then the project with its dev tools.
 #
 # torch is installed on its own first because an unpinned torch from the index is a multi-GB CUDA
-# build; EBCA_TORCH_SPEC picks another build (for example on a GPU machine: "torch" from the CUDA index).
+# build; EBCA_TORCH_SPEC picks another build (on a GPU machine: "torch", whose PyPI build for Linux x86_64 is CUDA).
 # A second run is a no-op while pyproject.toml is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
