@@ -67,10 +67,15 @@ class InversionSpec(_Request):
 
 
 class ImageRef(_Request):
-    """An earlier job's output image, used as an input instead of uploading bytes."""
+    """An image stored by an earlier job, used as an input instead of uploading bytes.
+
+    By default the job's output image ``index``; with ``input`` ("image" or "mask") the file that was
+    uploaded with that job (what stored edit requests and reproduction settings refer to).
+    """
 
     job_id: str
     index: int = 0
+    input: Literal["image", "mask"] | None = None
 
 
 class _Response(BaseModel):
