@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="A local directory (relative to the repository root) or s3://bucket/prefix.",
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto).")
+    s3_public_url: str | None = Field(
+        None,
+        description="Endpoint that clients reach for presigned downloads when it differs from "
+        "EBCA_S3_ENDPOINT_URL (e.g. http://localhost:9000 outside the compose network); null = the same.",
+    )
     aws_access_key_id: str | None = Field(
         None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
     )

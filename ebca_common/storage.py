@@ -96,11 +96,21 @@ class LocalStorage(Storage):
 class S3Storage(Storage):
     """An S3-compatible bucket (AWS, MinIO, moto) through boto3; downloads via presigned URLs."""
 
-    def __init__(self, bucket: str, prefix: str, client: Any, presign_seconds: int = 3600) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        client: Any,
+        presign_seconds: int = 3600,
+        presign_client: Any | None = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.client = client
         self.presign_seconds = presign_seconds
+        # A presigned URL's signature covers its host, so URLs for clients outside the network the
+        # service uses (compose's "minio:9000") must be signed by a client configured for that host.
+        self.presign_client = presign_client if presign_client is not None else client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Storage:
@@ -111,22 +121,27 @@ class S3Storage(Storage):
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise ValueError(f"EBCA_STORAGE_URL {settings.storage_url!r} has no bucket")
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            aws_access_key_id=settings.aws_access_key_id,
-            aws_secret_access_key=settings.aws_secret_access_key,
-            aws_session_token=settings.aws_session_token,
-            region_name=settings.aws_region,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 2},
-                connect_timeout=5,
-                read_timeout=30,
-            ),
-        )
-        return cls(bucket, prefix, client, settings.presign_seconds)
+
+        def make_client(endpoint_url: str | None) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                aws_access_key_id=settings.aws_access_key_id,
+                aws_secret_access_key=settings.aws_secret_access_key,
+                aws_session_token=settings.aws_session_token,
+                region_name=settings.aws_region,
+                config=Config(
+                    signature_version="s3v4",
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": 2},
+                    connect_timeout=5,
+                    read_timeout=30,
+                ),
+            )
+
+        client = make_client(settings.s3_endpoint_url)
+        presign_client = make_client(settings.s3_public_url) if settings.s3_public_url else None
+        return cls(bucket, prefix, client, settings.presign_seconds, presign_client)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -175,7 +190,7 @@ class S3Storage(Storage):
             raise StorageError(f"cannot delete {key} from s3://{self.bucket}: {exc}") from exc
 
     def presigned_url(self, key: str) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.presign_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=self.presign_seconds,

@@ -87,3 +87,20 @@ def test_local_storage_overwrites_and_rejects_escapes(tmp_path: Path) -> None:
     for key in ("../x", "/etc/passwd", "jobs//x", "jobs/./x", ""):
         with pytest.raises(ValueError):
             check_key(key)
+
+
+def test_presigned_urls_are_signed_for_the_public_endpoint() -> None:
+    from ebca_common.settings import Settings
+    from ebca_common.storage import S3Storage
+
+    settings = Settings(
+        storage_url="s3://bucket/prefix",
+        s3_endpoint_url="http://minio:9000",
+        s3_public_url="http://localhost:9000",
+        aws_access_key_id="key",
+        aws_secret_access_key="secret",
+    )
+    url = S3Storage.from_settings(settings).presigned_url("jobs/a/0.png")
+    assert url is not None and url.startswith("http://localhost:9000/bucket/prefix/jobs/a/0.png?")
+    same = S3Storage.from_settings(settings.model_copy(update={"s3_public_url": None}))
+    assert (same.presigned_url("jobs/a/0.png") or "").startswith("http://minio:9000/bucket/")
