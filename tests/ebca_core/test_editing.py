@@ -440,3 +440,27 @@ def test_edit_real_refused_on_inpainting_checkpoints(tiny_inpaint_model_dir: Pat
     with pytest.raises(InvalidInputError) as info:
         load_pipeline(tiny_inpaint_model_dir).edit_real(smooth_image(), SOURCE, [EditorialPrompt("dog")])
     assert info.value.field == "model"
+
+
+def test_noise_regularisers_penalise_correlation_and_wrong_moments() -> None:
+    from ebca_core.inversion import autocorrelation_loss, kl_to_standard_normal, regularize_noise
+
+    gen = torch.Generator().manual_seed(0)
+    white = torch.randn(1, 4, 32, 32, generator=gen)
+    smooth = torch.nn.functional.interpolate(
+        torch.randn(1, 4, 4, 4, generator=gen), size=(32, 32), mode="bilinear"
+    )
+    smooth = smooth / smooth.std()
+    assert autocorrelation_loss(smooth, torch.Generator().manual_seed(1)) > 20 * autocorrelation_loss(
+        white, torch.Generator().manual_seed(1)
+    )
+    assert kl_to_standard_normal(white) < 0.01 < kl_to_standard_normal(white * 0.3 + 0.5)
+    # Each term's gradient steps reduce its own loss (together, the KL term rescales the map, which the
+    # unnormalised auto-correlation loss then follows).
+    shrunk = 0.3 * smooth
+    only_ac = regularize_noise(shrunk, InversionConfig(regularize=True, lambda_kl=0.0), torch.Generator())
+    assert autocorrelation_loss(only_ac, torch.Generator().manual_seed(3)) < autocorrelation_loss(
+        shrunk, torch.Generator().manual_seed(3)
+    )
+    only_kl = regularize_noise(shrunk, InversionConfig(regularize=True, lambda_ac=0.0), torch.Generator())
+    assert kl_to_standard_normal(only_kl) < 0.75 * kl_to_standard_normal(shrunk)  # measured: 1.50 -> 0.90
