@@ -70,12 +70,22 @@ class Setting:
         return EnergyConfig(self.gamma_attn, self.gamma_norm, token_weights=weights)
 
 
-def default_settings(gammas: list[float], weight: float) -> list[Setting]:
+def default_settings(gammas: list[float], weights: list[float]) -> list[Setting]:
     settings = [Setting("vanilla", 0.0, 0.0)]
     for g in gammas:
         settings.append(Setting(f"ebca {g:g}/{g:g}", g, g))
-        settings.append(Setting(f"ebca {g:g}/{g:g} + w{weight:g}", g, g, weight))
+        for w in weights:
+            settings.append(Setting(f"ebca {g:g}/{g:g} + w{w:g}", g, g, w))
     return settings
+
+
+def sign_test_p(fixed: int, broken: int) -> float:
+    """Two-sided exact sign test on the discordant pairs: is EBCA's fixed/broken split 50/50?"""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _ci95(p: float, n: int) -> float:
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
     prompts = PROMPTS[: args.prompts]
-    settings = default_settings(args.gammas, args.weight)
+    settings = default_settings(args.gammas, args.weights)
 
     results: list[dict[str, object]] = []
     per_image: dict[str, list[list[bool]]] = {}
@@ -162,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         ]
         r["fixed_vs_vanilla"] = sum(1 for b, e in pairs if not b and e)
         r["broken_vs_vanilla"] = sum(1 for b, e in pairs if b and not e)
+        r["sign_test_p"] = round(sign_test_p(int(r["fixed_vs_vanilla"]), int(r["broken_vs_vanilla"])), 4)
         r["per_prompt_success"] = {
             caption_for(objects): sum(row) / len(row) for objects, row in zip(prompts, grid, strict=True)
         }
@@ -198,14 +209,15 @@ def write_markdown(report: dict[str, object], path: Path) -> None:
         f"{report['total_seconds']} s on {report['threads']} CPU thread(s).",
         "",
         "| setting | success (both objects) | 95% CI | first obj recall | second obj recall "
-        "| colour recall | exact | fixed / broken vs vanilla |",
-        "|---|---|---|---|---|---|---|---|",
+        "| colour recall | exact | fixed / broken vs vanilla | sign test p |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:  # type: ignore[union-attr]
         lines.append(
             f"| {r['setting']} | {r['success_rate']:.1%} | +-{r['success_ci95']:.1%} | "
             f"{r['recall_first']:.1%} | {r['recall_second']:.1%} | {r['colour_recall']:.1%} | "
-            f"{r['exact_rate']:.1%} | {r['fixed_vs_vanilla']} / {r['broken_vs_vanilla']} |"
+            f"{r['exact_rate']:.1%} | {r['fixed_vs_vanilla']} / {r['broken_vs_vanilla']} | "
+            f"{r['sign_test_p']:.3g} |"
         )
     lines += ["", "Per-prompt success rate:", ""]
     results = report["results"]  # type: ignore[assignment]
@@ -239,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=0.0, help="0: the model's ebca_defaults.json")
     parser.add_argument("--scheduler", default=None)
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.01, 0.02, 0.05])
-    parser.add_argument("--weight", type=float, default=2.5, help="token weight on the second noun")
+    parser.add_argument(
+        "--weights", type=float, nargs="*", default=[2.5], help="token weights on the second noun"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/bench_alignment"))
     args = parser.parse_args(argv)
