@@ -370,3 +370,21 @@ def test_generate_on_an_inpainting_checkpoint_is_refused(tiny_inpaint_model_dir:
     with pytest.raises(InvalidInputError, match="inpainting checkpoint") as info:
         pipe.generate(PROMPT, num_inference_steps=2)
     assert info.value.field == "model"
+
+
+def test_without_guidance_the_batch_has_no_unconditional_half(
+    tiny_pipeline: EBCAPipeline, attn_recorder: Any
+) -> None:
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": 3,
+        "guidance_scale": 1.0,
+        "output_type": "latent",
+        "energy": EnergyConfig(0.05, 0.05, token_weights={"dog": 2.5}),
+        "edits": [EditorialPrompt("monet painting", alpha=0.8, gamma_attn=1e-3)],
+    }
+    with attn_recorder(tiny_pipeline.unet) as rec:
+        batch = tiny_pipeline.generate(PROMPT, num_images=2, seed=2, **kwargs)
+    assert rec.calls[0][0].contexts[0].shape[0] == 2, "one row per image, no CFG rows"
+    assert torch.isfinite(batch.latents).all()
+    single = tiny_pipeline.generate(PROMPT, num_images=1, seed=3, **kwargs)
+    assert rel_diff(batch.latents[1:], single.latents) < 1e-5
