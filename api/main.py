@@ -6,7 +6,6 @@ small and starts fast; tests/api checks that in a subprocess.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,13 +21,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.routing import Match
 
 from api.metrics import build_registry
 from api.service import CeleryPublisher, JobService, Publisher, Upload
 from ebca_common.errors import NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed
 from ebca_common.jobs import Job, JobStatus
 from ebca_common.settings import Settings, get_settings
-from ebca_common.specs import GenerateRequest, edit_request_adapter, field_path
+from ebca_common.specs import GenerateRequest, edit_request_adapter, field_path, load_json
 from ebca_common.storage import Storage, storage_from_settings
 from ebca_common.store import JobStore
 
@@ -80,13 +80,14 @@ async def _read_limited(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_json(raw: bytes) -> Any:
-    if not raw.strip():
-        raise ValidationFailed("body: a JSON object is required", field=None)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValidationFailed(f"body: invalid JSON ({exc})", field=None) from None
+def _media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters ("" when absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _wrong_content_type(request: Request, expected: str) -> ValidationFailed:
+    got = request.headers.get("content-type", "")
+    return ValidationFailed(f"content-type: expected {expected}, got {got!r}", field="content-type")
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -139,10 +140,14 @@ def create_app(
         return _error_response(ValidationFailed(f"{path}: {first.get('msg')}", field=path))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route whose path matched; /jobs/{id} has two (GET, DELETE).
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -182,7 +187,9 @@ def create_app(
     )
     async def generate(request: Request) -> JSONResponse:
         key = _idempotency_key(request)
-        body = _parse_json(await _read_limited(request, settings.max_json_bytes, "the JSON body"))
+        if _media_type(request) not in ("", "application/json"):
+            raise _wrong_content_type(request, "application/json")
+        body = load_json(await _read_limited(request, settings.max_json_bytes, "the JSON body"))
         submission = await run_in_threadpool(service.generate, body, key)
         return _job_response(submission.job, 202 if submission.created else 200)
 
@@ -195,19 +202,15 @@ def create_app(
     )
     async def edit(request: Request) -> JSONResponse:
         key = _idempotency_key(request)
-        content_type = request.headers.get("content-type", "")
+        media_type = _media_type(request)
         uploads: dict[str, Upload] = {}
-        if content_type.startswith("multipart/form-data"):
-            limit = 2 * settings.max_upload_bytes + settings.max_json_bytes + 64 * 1024
-            raw = await _read_limited(request, limit, "the multipart body")
+        if media_type == "multipart/form-data":
+            raw = await _read_limited(request, _multipart_limit(settings), "the multipart body")
             body, uploads = await _parse_multipart(request, raw, settings)
-        elif content_type.startswith("application/json") or not content_type:
-            body = _parse_json(await _read_limited(request, settings.max_json_bytes, "the JSON body"))
+        elif media_type in ("", "application/json"):
+            body = load_json(await _read_limited(request, settings.max_json_bytes, "the JSON body"))
         else:
-            raise ValidationFailed(
-                f"content-type: expected application/json or multipart/form-data, got {content_type!r}",
-                field="content-type",
-            )
+            raise _wrong_content_type(request, "application/json or multipart/form-data")
         submission = await run_in_threadpool(service.edit, body, uploads, key)
         return _job_response(submission.job, 202 if submission.created else 200)
 
@@ -275,32 +278,67 @@ def create_app(
     return app
 
 
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path (for the Allow header of a 405)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods.update(route_methods)
+    return sorted(methods)
+
+
+def _multipart_limit(settings: Settings) -> int:
+    """Largest multipart body: two uploads, the JSON part and room for the part headers."""
+    return 2 * settings.max_upload_bytes + settings.max_json_bytes + 64 * 1024
+
+
+#: More parts than a valid request has (request, image, mask), so that an unexpected or repeated part
+#: is named by the checks below; past these counts the parser refuses the body as a whole.
+_MAX_PARTS = 16
+
+
 async def _parse_multipart(request: Request, raw: bytes, settings: Settings) -> tuple[Any, dict[str, Upload]]:
     async def body() -> AsyncIterator[bytes]:
         yield raw
 
+    # Part sizes are checked below, per part and with the field named; the parser's own bound is only
+    # the whole body's (already enforced while reading).
     parser = MultiPartParser(
-        request.headers, body(), max_files=3, max_fields=1, max_part_size=settings.max_json_bytes
+        request.headers,
+        body(),
+        max_files=_MAX_PARTS,
+        max_fields=_MAX_PARTS,
+        max_part_size=_multipart_limit(settings),
     )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise ValidationFailed(f"body: malformed multipart request ({exc.message})", field=None) from None
     uploads: dict[str, Upload] = {}
-    request_part: Any = None
+    request_part: str | None = None
+    seen: set[str] = set()
     for name, value in form.multi_items():
-        if isinstance(value, UploadFile) and name == "request":
+        if name in seen:
+            raise ValidationFailed(f"{name}: the part is given more than once", field=name)
+        seen.add(name)
+        if name == "request":
             # Some clients send the JSON part as a file (with a filename or application/json type).
-            raw_request = await value.read()
-            if len(raw_request) > settings.max_json_bytes:
+            data = await value.read() if isinstance(value, UploadFile) else value.encode("utf-8", "replace")
+            if len(data) > settings.max_json_bytes:
                 raise PayloadTooLarge(
-                    f"request: over the limit of {settings.max_json_bytes} bytes", field="request"
+                    f"request: {len(data)} bytes is over the limit of {settings.max_json_bytes} bytes",
+                    field="request",
                 )
             try:
-                request_part = raw_request.decode("utf-8")
+                request_part = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise ValidationFailed("request: not UTF-8 text", field="request") from None
-        elif isinstance(value, UploadFile):
+        elif name in ("image", "mask"):
+            if not isinstance(value, UploadFile):
+                raise ValidationFailed(
+                    f"{name}: must be a file part (with a filename), not a text field", field=name
+                )
             data = await value.read()
             if len(data) > settings.max_upload_bytes:
                 raise PayloadTooLarge(
@@ -308,20 +346,17 @@ async def _parse_multipart(request: Request, raw: bytes, settings: Settings) -> 
                     field=name,
                 )
             uploads[name] = Upload(data, value.filename)
-        elif name == "request":
-            request_part = value
         else:
+            kind = "file part" if isinstance(value, UploadFile) else "form field"
             raise ValidationFailed(
-                f"{name}: unexpected form field (send `request`, `image`, `mask`)", field=name
+                f"{name or '(unnamed)'}: unexpected {kind} (send `request`, `image`, `mask`)",
+                field=name or None,
             )
     if request_part is None:
         raise ValidationFailed(
             "request: the part `request` (the JSON body as text) is required", field="request"
         )
-    try:
-        return json.loads(request_part), uploads
-    except json.JSONDecodeError as exc:
-        raise ValidationFailed(f"request: invalid JSON ({exc})", field="request") from None
+    return load_json(request_part, field="request"), uploads
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from PIL import Image
 
-from ebca_common.errors import Unavailable, ValidationFailed
+from ebca_common.errors import ObjectNotFound, Unavailable, ValidationFailed
 from ebca_common.images import check_mask, decode_image
 from ebca_common.jobs import Job
 from ebca_common.queueing import RUN_JOB_TASK, celery_config
@@ -238,7 +238,15 @@ class JobService:
                 f"{name}: required (upload a file part {name!r} or give {ref_field})", field=name
             )
         key = resolve_ref(self.store, ref, ref_field)
-        image, _ = decode_image(self.storage.get(key), name, self.settings.max_image_pixels)
+        try:
+            stored = self.storage.get(key)
+        except ObjectNotFound:
+            # The record outlived its files (deleted from the bucket, or a storage lifecycle rule).
+            raise ValidationFailed(
+                f"{ref_field}.job_id: the image of job {ref.job_id!r} is no longer stored",
+                field=f"{ref_field}.job_id",
+            ) from None
+        image, _ = decode_image(stored, name, self.settings.max_image_pixels)
         return image
 
     def _store_inputs(self, inputs: dict[str, Any], uploads: dict[str, Upload]) -> None:

@@ -41,6 +41,16 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> tuple[Image.Image,
                     f"{field}: unsupported image format {image.format!r}; send PNG, JPEG or WEBP", field=field
                 )
             image.load()
+            # The worker converts inputs to RGB (image) or L (mask); some modes PIL decodes cannot be
+            # converted (LAB TIFF -> L raises), so refuse them here rather than fail later.
+            for target in ("RGB", "L"):
+                try:
+                    image.convert(target)
+                except ValueError:
+                    raise ValidationFailed(
+                        f"{field}: pixel mode {image.mode!r} is not supported; send RGB, RGBA or grayscale",
+                        field=field,
+                    ) from None
     except ValidationFailed:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -6,6 +6,7 @@ checked by :func:`check_limits`, and the CACAO normaliser by :func:`check_cacao_
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -23,6 +24,18 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 MAX_SEED = 2**32 - 1
 
 _WORD = re.compile(r"^\S+$")
+#: Token indices are short ASCII digit strings (a prompt has at most a few hundred tokens); longer digit
+#: strings are refused here rather than failing in the worker.
+MAX_TOKEN_INDEX_DIGITS = 6
+#: No request field nests deeper than 3 levels (energy.schedule.kind); anything far deeper is an attack
+#: or a mistake, refused before validation walks it.
+MAX_JSON_DEPTH = 32
+
+
+def token_weight_key(key: str) -> int | str:
+    """A ``token_weights`` key as ebca_core takes it: an ASCII digit string is a token index, anything
+    else a word of the prompt (validation refuses other digit characters such as ``"²"``)."""
+    return int(key) if key.isascii() and key.isdigit() else key
 
 
 class _Strict(BaseModel):
@@ -71,6 +84,13 @@ class EnergySpec(_Strict):
         for key, weight in value.items():
             if not _WORD.match(key):
                 raise ValueError(f"key {key!r} must be one word or a token index")
+            if key.isdigit() and not key.isascii():
+                # "²" or "٣" would be read as an index by some code and as a word by other code.
+                raise ValueError(f"key {key!r}: a token index must be written with the digits 0-9")
+            if isinstance(token_weight_key(key), int) and len(key) > MAX_TOKEN_INDEX_DIGITS:
+                raise ValueError(
+                    f"token index {key[:12]}... has {len(key)} digits; at most {MAX_TOKEN_INDEX_DIGITS}"
+                )
             if not math.isfinite(weight) or weight <= 0:
                 raise ValueError(f"weight of {key!r} must be a finite number > 0, got {weight}")
         return value
@@ -212,6 +232,69 @@ def from_pydantic(exc: PydanticValidationError, prefix: str = "") -> ValidationF
     elif first["type"] == "missing":
         message = "field required"
     return ValidationFailed(f"{path or 'body'}: {message}", field=path or None)
+
+
+def load_json(raw: bytes | str, field: str | None = None) -> Any:
+    """Decode a JSON request body (or the ``request`` part of a multipart body); 422 for anything that is
+    not plain JSON text, naming ``field`` (None for the whole body) or the field inside it at fault.
+
+    Besides syntax errors this refuses what ``json.loads`` itself fails on with other exceptions
+    (integers of more than 4300 digits, nesting deep enough to exhaust the recursion limit) and strings
+    that are not Unicode text (lone UTF-16 surrogates such as ``"\\ud800"``, which cannot be stored
+    or echoed back as UTF-8).
+    """
+    where = field or "body"
+    if not raw.strip():
+        raise ValidationFailed(f"{where}: a JSON object is required", field=field)
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValidationFailed(
+            f"{where}: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)", field=field
+        ) from None
+    except UnicodeDecodeError:
+        raise ValidationFailed(f"{where}: not UTF-8 text", field=field) from None
+    except ValueError as exc:  # JSONDecodeError, and integers over the int/str digit limit
+        raise ValidationFailed(f"{where}: invalid JSON ({exc})", field=field) from None
+    _check_json_text(data, field)
+    return data
+
+
+def _check_json_text(data: Any, field: str | None) -> None:
+    """Walk decoded JSON (iteratively: depth is what is being checked) for depth and non-text strings."""
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if len(loc) > MAX_JSON_DEPTH:
+            raise ValidationFailed(
+                f"{field or 'body'}: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)", field=field
+            )
+        # Fields inside the JSON are named as validation names them ("prompt", not "request.prompt").
+        if isinstance(value, str):
+            if not _is_text(value):
+                path = field_path(loc) or field
+                raise ValidationFailed(
+                    f"{path or 'body'}: not valid Unicode text (lone surrogate escape)", field=path
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_text(key):
+                    path = field_path(loc) or field
+                    raise ValidationFailed(
+                        f"{path or 'body'}: a key is not valid Unicode text (lone surrogate escape)",
+                        field=path,
+                    )
+                stack.append(((*loc, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), item) for i, item in enumerate(value))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_generate(data: Any) -> GenerateRequest:

@@ -26,6 +26,7 @@ from ebca_common.specs import (
     ImageRef,
     InpaintRequest,
     RealEditRequest,
+    token_weight_key,
 )
 from ebca_common.storage import Storage
 from ebca_common.store import JobStore
@@ -62,7 +63,7 @@ def energy_config(spec: EnergySpec | None) -> EnergyConfig | None:
     sched = spec.schedule
     ratio = sched.ratio if sched.ratio is not None else (1.0 if sched.kind == "exp" else 0.0)
     weights: dict[int | str, float] = {
-        (int(key) if key.isdigit() else key): value for key, value in spec.token_weights.items()
+        token_weight_key(key): value for key, value in spec.token_weights.items()
     }
     return EnergyConfig(
         gamma_attn=Schedule.from_kind(sched.kind, spec.gamma_attn, tau=sched.tau, ratio=ratio),
