@@ -363,6 +363,15 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
             f"for {num_images} images",
             field="seed",
         )
+    width, height = getattr(request, "width", None), getattr(request, "height", None)
+    if width is not None and height is not None and width * height > settings.max_image_pixels:
+        # The same bound as uploads: one request must not tie a worker up for hours (a 2048x2048 run is
+        # minutes per step on CPU), so operators can lower it.
+        raise ValidationFailed(
+            f"width: {width}x{height} is {width * height} pixels, over the limit of "
+            f"{settings.max_image_pixels} (EBCA_MAX_IMAGE_PIXELS)",
+            field="width",
+        )
     edits: list[EditSpec] = getattr(request, "edits", None) or []
     if len(edits) > settings.max_edits:
         raise ValidationFailed(

@@ -262,3 +262,14 @@ def test_reference_to_an_image_no_longer_stored_is_422(api: Api) -> None:
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "image_ref.job_id"
     assert api.store.job_count() == before and api.queue.sent == []
+
+
+def test_generate_size_over_the_pixel_limit_is_422(api: Api) -> None:
+    limit = api.settings.max_image_pixels
+    small = api.settings.model_copy(update={"max_image_pixels": 256 * 256})
+    api.client = TestClient(create_app(small, store=api.store, publisher=api.queue))
+    body = {"prompt": "a cat", "width": 264, "height": 256}
+    error = api.assert_refused(api.client.post("/generate", json=body), 422, "validation_error", "width")
+    assert "264x256" in error["message"] and limit > 256 * 256
+    response = api.client.post("/generate", json={**body, "width": 256})
+    assert response.status_code == 202, response.text
