@@ -168,9 +168,10 @@ class JobStore:
                     if idem_key:
                         pipe.watch(idem_key)
                         existing = pipe.get(idem_key)
-                        if existing:
+                        replayed = self._replay(json.loads(existing), idempotency[1]) if existing else None  # type: ignore[index]
+                        if replayed is not None:
                             pipe.unwatch()
-                            return self._replay(json.loads(existing), idempotency[1]), False  # type: ignore[index]
+                            return replayed, False
                     if self.r.zcard(self.k("queue")) >= self.settings.max_queue:
                         raise RateLimited(
                             f"the queue is full ({self.settings.max_queue} jobs); retry later",
@@ -218,12 +219,18 @@ class JobStore:
             raw = self.r.get(self.k("idem", key))
         return None if raw is None else self._replay(json.loads(raw), fingerprint)
 
-    def _replay(self, existing: dict[str, Any], fingerprint: str) -> Job:
+    def _replay(self, existing: dict[str, Any], fingerprint: str) -> Job | None:
+        """The job a used key made; None when that job record is gone (it expired before the key, with
+        EBCA_JOB_TTL_SECONDS below EBCA_IDEMPOTENCY_TTL_SECONDS): the key is then free again rather
+        than answering a POST with a 404."""
+        record = self.record(existing["job_id"])
+        if record is None:
+            return None
         if existing.get("fingerprint") != fingerprint:
             raise IdempotencyConflict(
                 "this Idempotency-Key was used with a different request body", field=None
             )
-        return self.get(existing["job_id"])
+        return self.view(record)
 
     def discard(self, job_id: str, idempotency_key: str | None = None) -> None:
         """Remove a job that was never handed to the queue (the broker refused it)."""

@@ -273,3 +273,19 @@ def test_generate_size_over_the_pixel_limit_is_422(api: Api) -> None:
     assert "264x256" in error["message"] and limit > 256 * 256
     response = api.client.post("/generate", json={**body, "width": 256})
     assert response.status_code == 202, response.text
+
+
+def test_idempotency_key_whose_job_expired_is_free_again(api: Api) -> None:
+    first = api.client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202
+    api.store.r.delete(api.store.job_key(first.json()["id"]))  # the record expired before the key
+    api.store.r.zrem(api.store.k("queue"), first.json()["id"])
+    retry = api.client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "k1"})
+    assert retry.status_code == 202, retry.text  # a new job, not a 404 for the vanished one
+    assert retry.json()["id"] != first.json()["id"]
+    assert api.store.job_count() == 1
+    # The key now belongs to the new job: replays and conflicts work as before.
+    replay = api.client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "k1"})
+    assert replay.status_code == 200 and replay.json()["id"] == retry.json()["id"]
+    other = api.client.post("/generate", json={"prompt": "a dog"}, headers={"Idempotency-Key": "k1"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
