@@ -224,7 +224,8 @@ class EBCAPipeline:
         resolved: dict[int, float] = {}
         for key, weight in token_weights.items():
             name = "energy.token_weights"
-            if isinstance(key, str) and key.strip().isdigit():
+            # Only ASCII digits are an index ("²".isdigit() is true but int("²") raises).
+            if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
                 key = int(key.strip())
             if isinstance(key, int) and not isinstance(key, bool):
                 if key >= limit:

@@ -146,6 +146,7 @@ def test_token_weights_change_only_the_conditional_half(
         ({"unicorn": 2.0}, "does not occur"),
         ({7: 2.0}, "past the prompt's 7 tokens"),
         ({"5x": 1.0}, "does not occur"),
+        ({"\u00b2": 1.0}, "does not occur"),  # a digit to str.isdigit, not an index
     ],
 )
 def test_bad_token_weights_are_rejected(tiny_pipeline: EBCAPipeline, weights: dict, message: str) -> None:
