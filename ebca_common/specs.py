@@ -63,11 +63,13 @@ class ScheduleSpec(_Strict):
 class EnergySpec(_Strict):
     """Bayesian Context Update on the main prompt (EBCA_SPEC.md, "Bayesian Context Update")."""
 
+    # Upper bounds: the recommended step sizes are 0.01-0.025 (EBCA_SPEC.md, "Tasks"); far larger
+    # ones only drive the context to overflow and produce a black image.
     gamma_attn: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False, description="Step size of the attention term."
+        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="Step size of the attention term (0..10)."
     )
     gamma_norm: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False, description="Step size of the key-norm prior."
+        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="Step size of the key-norm prior (0..10)."
     )
     schedule: ScheduleSpec = Field(
         default_factory=ScheduleSpec, description="How the gammas vary over the denoising steps."
@@ -100,11 +102,17 @@ class EditSpec(_Strict):
     """One CACAO editorial prompt (EBCA_SPEC.md, "CACAO")."""
 
     prompt: str = Field(..., min_length=1, max_length=1000, description="The editorial prompt.")
-    alpha: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="Weight of this prompt's attention.")
+    alpha: float = Field(
+        1.0, ge=0.0, le=10.0, allow_inf_nan=False, description="Weight of this prompt's attention (0..10)."
+    )
     direction: Literal["and", "not"] = Field("and", description="and: conjunction; not: negation.")
     alpha_tau: float = Field(0.0, ge=0.0, le=1.0, description="alpha switches on at int(steps * alpha_tau).")
-    gamma_attn: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="BCU attention step size.")
-    gamma_norm: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="BCU key-norm step size.")
+    gamma_attn: float = Field(
+        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="BCU attention step size (0..10)."
+    )
+    gamma_norm: float = Field(
+        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="BCU key-norm step size (0..10)."
+    )
     gamma_tau: float | None = Field(
         None, ge=0.0, le=1.0, description="The gammas switch on at int(steps * gamma_tau); null = alpha_tau."
     )

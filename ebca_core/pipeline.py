@@ -441,6 +441,14 @@ class EBCAPipeline:
                 latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if run.blend_mask is not None:
                     latents = self._blend(run, latents, i)
+                if not torch.isfinite(latents).all():
+                    # Step sizes far beyond the recommended ones overflow the context; say so
+                    # instead of returning a black image.
+                    raise InvalidInputError(
+                        f"the denoising diverged at step {i} (non-finite latents); lower the step "
+                        "sizes (gammas, alphas) or use float32",
+                        field="energy",
+                    )
                 # Progress is counted like diffusers' progress bar: warm-up calls (PNDM's extra first
                 # call) do not count, so the last call reports step == total.
                 if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):

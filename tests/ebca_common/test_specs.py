@@ -37,6 +37,9 @@ def test_defaults_are_filled_in() -> None:
         ({}, "prompt"),
         ({"prompt": "x", "num_images": True}, "num_images"),
         ({"prompt": "x", "seed": "12"}, "seed"),
+        ({"prompt": "x", "energy": {"gamma_attn": 1e308}}, "energy.gamma_attn"),
+        ({"prompt": "x", "edits": [{"prompt": "a", "alpha": 11.0}]}, "edits[0].alpha"),
+        ({"prompt": "x", "edits": [{"prompt": "a", "gamma_norm": 50.0}]}, "edits[0].gamma_norm"),
     ],
 )
 def test_generate_errors_name_the_field(body: dict, field: str) -> None:

@@ -389,3 +389,9 @@ def test_without_guidance_the_batch_has_no_unconditional_half(
     assert torch.isfinite(batch.latents).all()
     single = tiny_pipeline.generate(PROMPT, num_images=1, seed=3, **kwargs)
     assert rel_diff(batch.latents[1:], single.latents) < 1e-5
+
+
+def test_a_diverging_run_is_an_error_not_a_black_image(tiny_pipeline: EBCAPipeline) -> None:
+    with pytest.raises(InvalidInputError, match="diverged") as info:
+        tiny_pipeline.generate(PROMPT, num_inference_steps=2, energy=EnergyConfig(1e30, 1e30))
+    assert info.value.field == "energy"
