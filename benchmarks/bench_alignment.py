@@ -195,6 +195,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _p_text(p: float) -> str:
+    return "<0.0001" if p < 1e-4 else f"{p:.3g}"
+
+
 def write_markdown(report: dict[str, object], path: Path) -> None:
     lines = [
         "# Semantic alignment: vanilla vs EBCA on the shapes model",
@@ -216,7 +220,7 @@ def write_markdown(report: dict[str, object], path: Path) -> None:
             f"| {r['setting']} | {r['success_rate']:.1%} | +-{r['success_ci95']:.1%} | "
             f"{r['recall_first']:.1%} | {r['recall_second']:.1%} | {r['colour_recall']:.1%} | "
             f"{r['exact_rate']:.1%} | {r['fixed_vs_vanilla']} / {r['broken_vs_vanilla']} | "
-            f"{r['sign_test_p']:.3g} |"
+            f"{_p_text(float(r['sign_test_p']))} |"
         )
     lines += ["", "Per-prompt success rate:", ""]
     results = report["results"]  # type: ignore[assignment]
