@@ -53,10 +53,10 @@ class TrainConfig:
     out: Path
     seed: int = 0
     pool: int = 30_000
-    vae_steps: int = 1000
+    vae_steps: int = 600
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    steps: int = 5000
+    steps: int = 4000
     batch: int = 64
     lr: float = 5e-4
     warmup: int = 200
