@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Iterable
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -29,15 +30,11 @@ def write_word_tokenizer(directory: str | Path, words: Iterable[str], model_max_
     alphabet = string.ascii_lowercase + string.digits
     tokens: list[str] = [*alphabet, *(c + "</w>" for c in alphabet)]
     merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in words if w}):
-        if not word.isalnum():
-            raise ValueError(f"tokenizer words must be alphanumeric, got {word!r}")
-        # Merge left to right: "c i r c l e</w>" -> "ci" -> "cir" ... -> "circle</w>".
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            tokens.append(pieces[0])
+    ordered = _merge_order({w.lower() for w in words if w})
+    for word in ordered:
+        for a, b in _word_merges(word):
+            merges.append((a, b))
+            tokens.append(a + b)
     tokens += [START_TOKEN, END_TOKEN]
     vocab: dict[str, int] = {}
     for token in tokens:
@@ -56,6 +53,52 @@ def write_word_tokenizer(directory: str | Path, words: Iterable[str], model_max_
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def _word_merges(word: str) -> list[tuple[str, str]]:
+    """The merge chain of one word, left to right: "c i r c l e</w>" -> "ci" -> "cir" ... -> "circle</w>"."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    merges = []
+    while len(pieces) > 1:
+        merges.append((pieces[0], pieces[1]))
+        pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return merges
+
+
+def _bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """What byte-pair encoding with these merge ranks makes of ``word`` (lowest rank first)."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(pairwise(pieces))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
+
+
+def _merge_order(words: set[str]) -> list[str]:
+    """An order of the words' merge chains under which every word encodes to a single token.
+
+    Merge ranks are global, so an early merge of one word ("h o" of "house") can win inside another
+    ("p h o t o") and split it. Start with longer words first and move any word that splits to the
+    front until every word is one token.
+    """
+    for word in words:
+        if not word.isalnum() or not word.isascii():
+            raise ValueError(f"tokenizer words must be ASCII alphanumeric, got {word!r}")
+    order = sorted(words, key=lambda w: (-len(w), w))
+    for _ in range(4 * len(order) + 1):
+        ranks: dict[tuple[str, str], int] = {}
+        for word in order:
+            for merge in _word_merges(word):
+                ranks.setdefault(merge, len(ranks))
+        split = [w for w in order if len(_bpe_pieces(w, ranks)) != 1]
+        if not split:
+            return order
+        order.remove(split[0])
+        order.insert(0, split[0])
+    raise ValueError(f"cannot make every word a single token; these split: {split}")
 
 
 # Words of the tiny models' vocabulary: the prompts used across the test suites, the shapes dataset and

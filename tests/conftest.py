@@ -50,6 +50,17 @@ def tiny_pipeline(tiny_model_dir: Path) -> EBCAPipeline:
     return load_pipeline(tiny_model_dir, device="cpu")
 
 
+SHAPES_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes"
+
+
+@pytest.fixture
+def shapes_pipeline() -> EBCAPipeline:
+    """The shipped, trained shapes model: for tests whose claim needs a model that learned something."""
+    from ebca_core import load_pipeline
+
+    return load_pipeline(SHAPES_MODEL_DIR, device="cpu")
+
+
 @pytest.fixture
 def store_settings(tmp_path: Path):
     """Service settings on the shared Redis (127.0.0.1:6379 db 0) under a key prefix of this test
