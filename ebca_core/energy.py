@@ -40,8 +40,12 @@ def attention_energy(query: torch.Tensor, key: torch.Tensor, heads: int, scale: 
 
     ``E = - sum_i (1/scale) logsumexp_j (scale q_j . k_i)``: each context token i looks at all pixels j.
     """
-    logits = attention_logits(query, key, heads, scale)
-    return -(torch.logsumexp(logits, dim=2) / scale).sum(dim=(1, 2))
+    return attention_energy_from_logits(attention_logits(query, key, heads, scale), scale)
+
+
+def attention_energy_from_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """E(Q; K) per batch row from the ``[B, H, P, N]`` logits a forward pass already computed."""
+    return -(torch.logsumexp(_upcast(logits), dim=2) / scale).sum(dim=(1, 2))
 
 
 def norm_energy(key: torch.Tensor) -> torch.Tensor:
@@ -50,7 +54,7 @@ def norm_energy(key: torch.Tensor) -> torch.Tensor:
     EBCA_SPEC.md writes the prior without the 1/2; with it, the implementation's update
     ``u_i k_i`` with ``u = softmax(||k||^2)`` is exactly the gradient, which is what the tests check.
     """
-    return 0.5 * torch.logsumexp(key.pow(2).sum(dim=-1), dim=-1)
+    return 0.5 * torch.logsumexp(_upcast(key).pow(2).sum(dim=-1), dim=-1)
 
 
 def bcu_update(

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from ebca_core.config import EditorialPrompt, EnergyConfig, check_cacao_normaliser
-from ebca_core.energy import _upcast, attention_logits, bcu_update, merge_heads, split_heads
+from ebca_core.energy import (
+    _upcast,
+    attention_energy_from_logits,
+    attention_logits,
+    bcu_update,
+    merge_heads,
+    norm_energy,
+    split_heads,
+)
 from ebca_core.errors import EBCAError, InvalidInputError
 from ebca_core.schedules import Schedule
 
@@ -357,8 +365,8 @@ class EBCACrossAttnProcessor:
     ) -> None:
         rows = query.shape[0]
         cond = slice(rows // 2, rows) if state.do_cfg else slice(0, rows)
-        e_attn = -(torch.logsumexp(_upcast(logits), dim=2) / scale).sum(dim=(1, 2))
-        e_norm = 0.5 * torch.logsumexp(_upcast(key).pow(2).sum(dim=-1), dim=-1)
+        e_attn = attention_energy_from_logits(logits, scale)
+        e_norm = norm_energy(key)
         state.energy_trace.append(
             {
                 "step": state.step_index,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from ebca_core.processor import cross_attention_layers
+from ebca_core import pipeline as pipeline_module
+from ebca_core.processor import EBCAState, cross_attention_layers
 
 
 @dataclass
@@ -66,3 +67,17 @@ class AttnRecorder:
 @pytest.fixture
 def attn_recorder() -> Iterator[type[AttnRecorder]]:
     yield AttnRecorder
+
+
+@pytest.fixture
+def built_states(monkeypatch: pytest.MonkeyPatch) -> list[EBCAState]:
+    """Every EBCAState the pipeline builds during the test, in order (to inspect its final state)."""
+    states: list[EBCAState] = []
+
+    class SpyState(EBCAState):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            states.append(self)
+
+    monkeypatch.setattr(pipeline_module, "EBCAState", SpyState)
+    return states

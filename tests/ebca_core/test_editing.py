@@ -19,7 +19,6 @@ from ebca_core import (
     InversionConfig,
     load_pipeline,
 )
-from ebca_core import pipeline as pipeline_module
 from ebca_core.energy import bcu_update
 from ebca_core.inversion import ddim_invert
 
@@ -138,23 +137,15 @@ def test_editorial_contexts_accumulate_across_steps_while_the_main_context_reset
 
 
 def test_editorial_contexts_accumulate_in_float32_under_float16(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, built_states: list[Any]
 ) -> None:
-    states: list[Any] = []
-
-    class SpyState(pipeline_module.EBCAState):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            states.append(self)
-
-    monkeypatch.setattr(pipeline_module, "EBCAState", SpyState)
     pipe = load_pipeline(tiny_model_dir, dtype=torch.float16)
     edit = EditorialPrompt("monet painting", alpha=0.7, gamma_attn=1e-4, gamma_norm=1e-4)
     try:
         pipe.generate(PROMPT, num_inference_steps=4, seed=0, output_type="latent", edits=[edit])
     except RuntimeError as exc:
         pytest.skip(f"float16 not supported on this CPU: {exc}")
-    (state,) = states
+    (state,) = built_states
     context = state.edit_contexts[0]
     assert context.dtype == torch.float32 and state.edit_uncond_context.dtype == torch.float32
     start = pipe.encode_text(["monet painting"]).float()

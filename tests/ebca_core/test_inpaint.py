@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from ebca_core import EBCAPipeline, EnergyConfig, InvalidInputError, load_pipeline
-from ebca_core import pipeline as pipeline_module
 
 PROMPT = "teddy bear"
 
@@ -129,22 +128,14 @@ def test_batch_of_two_equals_single_runs(any_pipeline: EBCAPipeline, scheduler: 
 
 
 def test_the_mask_reaches_the_bcu_at_latent_resolution(
-    any_pipeline: EBCAPipeline, monkeypatch: pytest.MonkeyPatch
+    any_pipeline: EBCAPipeline, built_states: list[Any]
 ) -> None:
-    states: list[Any] = []
-
-    class SpyState(pipeline_module.EBCAState):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            states.append(self)
-
-    monkeypatch.setattr(pipeline_module, "EBCAState", SpyState)
     image, mask = picture(), box_mask()
     kwargs: dict[str, Any] = {"num_inference_steps": 3, "seed": 1, "output_type": "latent"}
     with_bcu = any_pipeline.inpaint(
         image, mask, PROMPT, energy=EnergyConfig(0.5, 0.5), num_images=2, **kwargs
     )
-    (state,) = states
+    (state,) = built_states
     expected = F.interpolate(torch.from_numpy(np.asarray(mask) >= 128).float()[None, None], size=(16, 24))
     assert torch.equal(state.region_mask, expected.expand(2, -1, -1, -1))
     without = any_pipeline.inpaint(image, mask, PROMPT, num_images=2, **kwargs)
