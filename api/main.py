@@ -27,6 +27,7 @@ from api.metrics import build_registry
 from api.service import CeleryPublisher, JobService, Publisher, Upload
 from ebca_common.errors import NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed
 from ebca_common.jobs import Job, JobStatus
+from ebca_common.model_defaults import defaults_of
 from ebca_common.settings import Settings, get_settings
 from ebca_common.specs import GenerateRequest, edit_request_adapter, field_path, load_json
 from ebca_common.storage import Storage, storage_from_settings
@@ -247,10 +248,22 @@ def create_app(
         return Response(storage.get(image["key"]), media_type=image["content_type"])
 
     # -- service ---------------------------------------------------------------------------------------
-    @app.get("/models", summary="Models that jobs may name")
+    @app.get("/models", summary="Models that jobs may name, with the defaults of each")
     def models() -> dict[str, Any]:
         default = settings.default_model_id
-        return {"models": [{"id": mid, "default": mid == default} for mid in settings.model_table()]}
+        # What the workers announced (they have the model files); a model no worker announced yet
+        # falls back to its file when this process can see it, else to the built-in defaults.
+        published = store.model_defaults()
+        return {
+            "models": [
+                {
+                    "id": mid,
+                    "default": mid == default,
+                    "defaults": published.get(mid) or defaults_of(location).model_dump(mode="json"),
+                }
+                for mid, location in settings.model_table().items()
+            ]
+        }
 
     @app.get("/healthz", summary="The api process is up")
     def healthz() -> dict[str, str]:

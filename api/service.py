@@ -23,6 +23,7 @@ from ebca_common.queueing import RUN_JOB_TASK, celery_config
 from ebca_common.refs import resolve_ref
 from ebca_common.settings import Settings
 from ebca_common.specs import (
+    GenerateRequest,
     ImageRef,
     InpaintRequest,
     RealEditRequest,
@@ -80,6 +81,12 @@ def fingerprint(endpoint: str, body: Any, uploads: dict[str, Upload] | None = No
         digest.update(name.encode())
         digest.update(hashlib.sha256(uploads[name].data).digest())  # type: ignore[index]
     return digest.hexdigest()
+
+
+def _known_total(request: GenerateRequest | InpaintRequest | RealEditRequest) -> int:
+    """Denoising steps of the whole job, 0 while unknown: null steps take the model's default, which
+    the worker resolves when it starts the job (ebca_common.model_defaults)."""
+    return 0 if request.steps is None else request.steps * request.num_images
 
 
 class JobService:
@@ -159,7 +166,7 @@ class JobService:
             kind="generate",
             mode=None,
             request=data,
-            total_steps=request.steps * request.num_images,
+            total_steps=_known_total(request),
             job_id=uuid.uuid4().hex,
             idempotency_key=idempotency_key,
             fp=fp,
@@ -196,7 +203,7 @@ class JobService:
             kind="edit",
             mode=request.mode,
             request=data,
-            total_steps=request.steps * request.num_images,
+            total_steps=_known_total(request),
             job_id=job_id,
             idempotency_key=idempotency_key,
             fp=fp,
@@ -285,7 +292,7 @@ class JobService:
             kind="edit",
             mode="synthetic",
             request=data,
-            total_steps=plan.steps * plan.num_images,
+            total_steps=_known_total(plan),
             job_id=job_id,
             idempotency_key=idempotency_key,
             fp=fp,

@@ -351,7 +351,10 @@ class App:
             self.emit_json({"models": [m.model_dump(mode="json") for m in models]})
         else:
             for m in models:
-                self.stdout.write(f"{m.id}{'  (default)' if m.default else ''}\n")
+                shown = ", ".join(f"{k} {v}" for k, v in m.defaults.items() if v is not None)
+                self.stdout.write(
+                    f"{m.id}{'  (default)' if m.default else ''}{f'  [{shown}]' if shown else ''}\n"
+                )
         return EXIT_OK
 
 
@@ -401,7 +404,7 @@ def _add_common_job_options(p: argparse.ArgumentParser, *, output: bool = True) 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, scheduler: bool = True) -> None:
     p.add_argument("--model", help="model id (see `ebca models`); default: the server's default model")
-    p.add_argument("--steps", type=int, help="denoising steps (server default 30)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's, see `ebca models`)")
     p.add_argument("-g", "--guidance-scale", type=float, help="classifier-free guidance scale")
     if scheduler:
         p.add_argument(

@@ -144,6 +144,8 @@ class JobInfo(_Response):
 class ModelInfo(_Response):
     id: str
     default: bool = False
+    #: What null request fields become for this model (steps, guidance_scale, scheduler, width, height).
+    defaults: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(_Response):

@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from ebca_common.errors import ValidationFailed
+from ebca_common.model_defaults import Scheduler
 from ebca_common.settings import Settings
 
-SCHEDULERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpm_solver", "lms")
-Scheduler = Literal["ddim", "pndm", "euler", "euler_ancestral", "dpm_solver", "lms"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 OutputFormat = Literal["png", "jpeg", "webp"]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MAX_SEED = 2**32 - 1
@@ -149,8 +149,12 @@ def _size_field(name: str) -> Any:
 
 class _Common(_Strict):
     model: str | None = Field(None, max_length=200, description="Model id from GET /models; null = default.")
-    steps: int = Field(30, ge=1, le=200, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    steps: int | None = Field(
+        None, ge=1, le=200, description="Denoising steps; null = the model's default (else 30)."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="Guidance scale; null = the model's default (else 7.5)."
+    )
     num_images: int = Field(
         1, ge=1, description="Images to make; image i uses seed + i (<= EBCA_MAX_IMAGES)."
     )
@@ -166,7 +170,7 @@ class GenerateRequest(_Common):
     negative_prompt: str | None = Field(None, max_length=1000, description="What to avoid.")
     width: int | None = _size_field("width")
     height: int | None = _size_field("height")
-    scheduler: Scheduler = Field("ddim", description="Noise scheduler.")
+    scheduler: Scheduler | None = Field(None, description="Noise scheduler; null = the model's default.")
     edits: list[EditSpec] = Field(default_factory=list, description="Editorial prompts (CACAO).")
 
     @field_validator("prompt")
@@ -183,7 +187,7 @@ class InpaintRequest(_Common):
     mode: Literal["inpaint"] = Field(..., description="inpaint: repaint the white region of the mask.")
     prompt: str = _prompt_field("What to paint into the masked region.")
     negative_prompt: str | None = Field(None, max_length=1000, description="What to avoid.")
-    scheduler: Scheduler = Field("ddim", description="Noise scheduler.")
+    scheduler: Scheduler | None = Field(None, description="Noise scheduler; null = the model's default.")
     image_ref: ImageRef | None = Field(None, description="The image, unless uploaded as part `image`.")
     mask_ref: ImageRef | None = Field(None, description="The mask, unless uploaded as part `mask`.")
 
@@ -334,23 +338,32 @@ def _step_on(i: int, steps: int, tau: float) -> bool:
     return i >= int(steps * tau)
 
 
-def check_cacao_normaliser(edits: list[EditSpec], steps: int) -> None:
+def check_cacao_normaliser(edits: list[EditSpec], steps: int | None) -> None:
     """Reject edits whose CACAO normaliser ``1 + sum(sign * alpha)`` is <= 0 at any step.
 
     EBCA_SPEC.md, "CACAO": the combined attention output is divided by it at every U-Net call. The
     alphas switch on at ``int(steps * alpha_tau)``, so every step 0..steps is checked (PNDM makes one
-    call more than ``steps``).
+    call more than ``steps``). With ``steps`` null the model's default decides it later, so every set
+    of prompts that some step count switches on together is checked: the prompts switch on in the
+    order of their ``alpha_tau`` (equal ones together), so those sets are the prefixes of that order.
     """
     if not edits:
         return
-    for i in range(steps + 1):
-        total = 1.0
-        for edit in edits:
-            if _step_on(i, steps, edit.alpha_tau):
-                total += edit.alpha if edit.direction == "and" else -edit.alpha
+    if steps is not None:
+        stages = [
+            (f"at step {i}", [e for e in edits if _step_on(i, steps, e.alpha_tau)]) for i in range(steps + 1)
+        ]
+    else:
+        taus = sorted({e.alpha_tau for e in edits})
+        stages = [
+            (f"once the prompts with alpha_tau <= {tau:g} are on", [e for e in edits if e.alpha_tau <= tau])
+            for tau in taus
+        ]
+    for where, active in stages:
+        total = 1.0 + sum(e.alpha if e.direction == "and" else -e.alpha for e in active)
         if total <= 0:
             raise ValidationFailed(
-                f"edits: the normaliser 1 + sum(sign * alpha) is {total:g} at step {i}; it must be > 0 "
+                f"edits: the normaliser 1 + sum(sign * alpha) is {total:g} {where}; it must be > 0 "
                 "(lower the alphas of the 'not' prompts)",
                 field="edits",
             )
@@ -386,9 +399,8 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
             f"edits: at most {settings.max_edits} editorial prompts (EBCA_MAX_EDITS), got {len(edits)}",
             field="edits",
         )
-    steps = getattr(request, "steps", None)
-    if edits and steps is not None:
-        check_cacao_normaliser(edits, steps)
+    if edits:
+        check_cacao_normaliser(edits, getattr(request, "steps", None))
     model = getattr(request, "model", None)
     if model is not None and model not in settings.model_table():
         known = ", ".join(sorted(settings.model_table()))

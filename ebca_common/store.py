@@ -9,6 +9,7 @@ Layout (``{p}`` = EBCA_KEY_PREFIX):
 - ``{p}:workers``      sorted set worker id -> last heartbeat (unix seconds)
 - ``{p}:stats``        hash status -> number of jobs that reached it (Prometheus counters)
 - ``{p}:hist:{name}``  hash of histogram buckets, sum and count (job and step durations)
+- ``{p}:models``       hash model id -> JSON defaults, published by the workers that serve it
 
 State changes that race (cancel vs start, two deliveries of one job) run in WATCH/MULTI transactions.
 """
@@ -342,6 +343,17 @@ class JobStore:
                 except WatchError:
                     continue
 
+    def resolve_request(self, job_id: str, data: dict[str, Any], total: int, field: str = "request") -> None:
+        """Record the request as it runs (the model's defaults filled in) and the job's step total.
+
+        ``field`` is ``plan`` for a synthetic edit, whose ``request`` is the edit the client sent.
+        """
+        key = self.job_key(job_id)
+        raw = self.r.hget(key, "progress")
+        progress = json.loads(raw) if raw else {"stage": "loading", "step": 0}
+        progress["total"] = total
+        self.r.hset(key, mapping=self._encode({field: data, "progress": progress}))
+
     def progress(self, job_id: str, stage: str, step: int, total: int) -> bool:
         """Record progress; return whether a cancel was requested (one round trip per step)."""
         with self.r.pipeline(transaction=False) as pipe:
@@ -412,6 +424,16 @@ class JobStore:
             return list(
                 self.r.zrangebyscore(self.k("workers"), time.time() - self.settings.heartbeat_ttl, "+inf")
             )
+
+    # -- models ----------------------------------------------------------------------------------------
+    def publish_model_defaults(self, defaults: dict[str, dict[str, Any]]) -> None:
+        """A worker announces the defaults of the models it serves (GET /models lists them)."""
+        if defaults:
+            self.r.hset(self.k("models"), mapping=self._encode(defaults))
+
+    def model_defaults(self) -> dict[str, dict[str, Any]]:
+        with redis_errors():
+            return self._decode(self.r.hgetall(self.k("models")))
 
     # -- metrics ---------------------------------------------------------------------------------------
     def observe(self, name: str, value: float) -> None:

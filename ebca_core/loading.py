@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +51,14 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
         )
     cls = SCHEDULERS[name]
     overrides: dict[str, Any] = {}
-    if "clip_sample" in inspect.signature(cls.__init__).parameters:
-        # Latent diffusion must not clip x0 to [-1, 1]; diffusers' Stable Diffusion pipelines force
-        # this on load (their deprecation fix-up), and gamma = 0 must match them exactly.
+    params = inspect.signature(cls.__init__).parameters
+    # diffusers' Stable Diffusion pipelines fix two outdated scheduler settings on load (their
+    # deprecation fix-ups), and gamma = 0 must match them exactly: latent diffusion must not clip x0
+    # to [-1, 1], and the timesteps start one step after 0.
+    if "clip_sample" in params:
         overrides["clip_sample"] = False
+    if "steps_offset" in params and config.get("steps_offset", 1) != 1:
+        overrides["steps_offset"] = 1
     return cls.from_config(config, **overrides)
 
 
@@ -67,6 +74,67 @@ def _looks_like_path(model: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else with separators or a leading dot/tilde is a
     # filesystem path the caller expected to exist.
     return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
+
+
+def _read_local_index(path: Path, model_str: str) -> dict[str, Any]:
+    if not path.is_dir():
+        raise ModelLoadError(f"model {model_str!r} is a file; expected a diffusers-format directory")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"model directory {model_str!r} has no model_index.json; expected a diffusers-format "
+            "Stable Diffusion checkpoint (convert single-file checkpoints with diffusers first)"
+        )
+    try:
+        listed = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model directory {model_str!r}: unreadable model_index.json ({exc})") from exc
+    if not isinstance(listed, dict):
+        raise ModelLoadError(f"model directory {model_str!r}: model_index.json is not a JSON object")
+    return listed
+
+
+def _listed(index: dict[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list | tuple) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+
+
+def _load_component(source: str, name: str, entry: list[str], dtype: torch.dtype, local_only: bool) -> Any:
+    """One component of a diffusers checkpoint, by the (library, class) model_index.json names.
+
+    Components are loaded one by one rather than through ``DiffusionPipeline.from_pretrained``: that
+    would import diffusers' whole pipeline class (and with it image-processor classes this project
+    never uses, whose import prints warnings about optional packages).
+    """
+    library, class_name = entry
+    if library not in ("diffusers", "transformers"):
+        raise ModelLoadError(f"component {name!r} comes from {library!r}; expected diffusers or transformers")
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise ModelLoadError(f"component {name!r}: {library} has no class {class_name!r}")
+    kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": local_only}
+    if name in ("scheduler", "tokenizer"):  # no weights, no dtype
+        return cls.from_pretrained(source, **kwargs)
+    return cls.from_pretrained(source, dtype=dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bars while loading: a model loads in seconds, and a bar per component only fills
+    the logs of the services that load models (the previous setting comes back afterwards)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def load_pipeline(
@@ -94,45 +162,19 @@ def load_pipeline(
         raise InvalidInputError("must be a model directory or a hub id", field="model")
     model_str = str(model)
     path = Path(model_str).expanduser()
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
     if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model {model_str!r} is a file; expected a diffusers-format directory")
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ModelLoadError(
-                f"model directory {model_str!r} has no model_index.json; expected a diffusers-format "
-                "Stable Diffusion checkpoint (convert single-file checkpoints with diffusers first)"
-            )
-        try:
-            listed = json.loads(index.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"model directory {model_str!r}: unreadable model_index.json ({exc})"
-            ) from exc
-        missing = [name for name in _REQUIRED_COMPONENTS if name not in listed]
-        if missing:
-            raise ModelLoadError(
-                f"model directory {model_str!r} is not a Stable Diffusion layout: model_index.json lacks "
-                f"{', '.join(missing)}"
-            )
-        try:
-            loaded = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
-        except Exception as exc:  # diffusers raises many types for a broken directory
-            raise ModelLoadError(f"model directory {model_str!r} could not be loaded: {exc}") from exc
+        source = str(path)
+        index = _read_local_index(path, model_str)
+        local_only = True
     elif _looks_like_path(model_str):
         raise ModelNotFoundError(
             f"model directory {model_str!r} does not exist; pass an existing diffusers-format directory "
             "or a hub id"
         )
     else:
+        source, local_only = model_str, local_files_only
         try:
-            loaded = DiffusionPipeline.from_pretrained(model_str, local_files_only=local_files_only, **kwargs)
+            index = DiffusionPipeline.load_config(model_str, local_files_only=local_files_only)
         except Exception as exc:  # offline, unknown repo, gated repo, interrupted download...
             raise ModelNotFoundError(
                 f"model {model_str!r} is neither a local directory nor loadable from the Hugging Face hub "
@@ -140,19 +182,30 @@ def load_pipeline(
                 f"`huggingface-cli download {model_str}`) into the hub cache or save it with "
                 "`save_pretrained` and pass the directory"
             ) from exc
-
-    components = getattr(loaded, "components", {})
-    missing = [name for name in _REQUIRED_COMPONENTS if components.get(name) is None]
+    missing = [name for name in _REQUIRED_COMPONENTS if not _listed(index, name)]
     if missing:
         raise ModelLoadError(
-            f"model {model_str!r} is not a Stable Diffusion layout (no {', '.join(missing)})"
+            f"model {model_str!r} is not a Stable Diffusion layout: model_index.json lacks "
+            f"{', '.join(missing)}"
         )
+    try:
+        with _quiet_loading():
+            components = {
+                name: _load_component(source, name, index[name], dtype, local_only)
+                for name in _REQUIRED_COMPONENTS
+            }
+    except Exception as exc:  # diffusers/transformers raise many types for a broken checkpoint
+        raise ModelLoadError(f"model {model_str!r} could not be loaded: {exc}") from exc
+    scheduler_component = components["scheduler"]
     pipe = EBCAPipeline(
         unet=components["unet"],
         vae=components["vae"],
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
-        scheduler=components["scheduler"],
+        # The same fix-ups as diffusers' pipelines apply on load (see make_scheduler).
+        scheduler=make_scheduler(scheduler_name(scheduler_component), scheduler_component.config)
+        if type(scheduler_component) in SCHEDULERS.values()
+        else scheduler_component,
         model_id=model_str,
         device=device,
         dtype=dtype,

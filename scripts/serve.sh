@@ -40,46 +40,15 @@ done
 case "$PORT" in ''|*[!0-9]*) die "--port must be a number, got '$PORT'" ;; esac
 case "$REDIS_PORT" in *[!0-9]*) die "--redis-port must be a number, got '$REDIS_PORT'" ;; esac
 
-can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
-APT_UPDATED=0
-apt_install() {
-  echo "serve: installing $* (apt-get)"
-  if [ "$APT_UPDATED" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq; APT_UPDATED=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
-
-# -- 1. the virtualenv (scripts/setup.sh is a no-op when .venv is up to date) --------------------------
-if [ "$SETUP" = 1 ] && [ ! -x .venv/bin/python ]; then
-  # Debian/Ubuntu ship Python's venv module separately (python3.X-venv); setup.sh needs it once.
-  base_py="${PYTHON:-}"
-  for candidate in python3.11 python3; do
-    if [ -z "$base_py" ] && command -v "$candidate" >/dev/null 2>&1; then base_py="$candidate"; fi
-  done
-  if [ -n "$base_py" ] && ! "$base_py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    venv_pkg="python$("$base_py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
-    if can_apt; then
-      apt_install "$venv_pkg"
-    else
-      die "Python's venv module is missing. Install it (Debian/Ubuntu: sudo apt-get install $venv_pkg) and run again."
-    fi
-  fi
-fi
+# -- 1. system packages and the virtualenv (scripts/setup.sh is a no-op when both are in place) ---------
 if [ "$SETUP" = 1 ]; then
-  scripts/setup.sh
+  scripts/setup.sh --runtime
 elif [ ! -x .venv/bin/python ]; then
   die ".venv is missing: run without --no-setup (or scripts/setup.sh) first"
 fi
 PY="$ROOT/.venv/bin/python"
-
-# -- 2. redis-server ----------------------------------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1; then
-  if can_apt; then
-    # Debian's package may also start a system-wide Redis on 6379; the stack uses its own private one.
-    apt_install redis-server
-  else
-    die "redis-server is not installed. Install it (Debian/Ubuntu: sudo apt-get install redis-server) and run again."
-  fi
-fi
+command -v redis-server >/dev/null 2>&1 \
+  || die "redis-server is not installed: run without --no-setup (or scripts/setup.sh) first"
 
 port_free() { "$PY" -c 'import socket,sys
 s=socket.socket()
@@ -201,7 +170,7 @@ done
 cat <<EOF
 serve: EBCA Serve is ready at $URL  (API docs: $URL/docs)
 serve: try it from another terminal:
-  .venv/bin/ebca --url $URL generate "a red circle and a blue square" --steps 20 --gamma-attn 0.01 --gamma-norm 0.02 --weight circle=2 -o out/
+  .venv/bin/ebca --url $URL generate "a red circle and a blue square" --gamma-attn 0.01 --gamma-norm 0.02 --weight circle=2 -o out/
 serve: press Ctrl-C to stop the stack
 EOF
 

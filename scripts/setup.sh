@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
-# Set up (or reuse) the project's virtualenv in .venv: torch first, then the project with its dev tools.
+# Set up (or reuse) everything the project needs on this machine: the system packages, then the
+# project's virtualenv in .venv (torch first, then the project with its dev tools).
+#
+#   scripts/setup.sh [--runtime]
+#
+# System packages (Debian/Ubuntu names), installed with apt-get when missing and running as root;
+# otherwise setup stops and names what to install:
+#   always:          python3.X-venv (Python's venv module), redis-server
+#   unless --runtime: docker-compose (the deployment lint of scripts/test.sh)
+# --runtime is what scripts/serve.sh asks for: running the service needs no test tools.
 #
 # torch is installed on its own first because an unpinned torch from the index is a multi-GB CUDA
-# build; EBCA_TORCH_SPEC picks another build (on a GPU machine: "torch", whose PyPI build for Linux x86_64 is CUDA).
-# A second run is a no-op while pyproject.toml is unchanged.
+# build; EBCA_TORCH_SPEC picks another build (on a GPU machine: "torch", whose PyPI build for Linux
+# x86_64 is CUDA). A second run is a no-op while pyproject.toml is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+RUNTIME_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --runtime) RUNTIME_ONLY=1 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup: unknown option: $arg" >&2; exit 2 ;;
+  esac
+done
 
 PYTHON_BIN="${PYTHON:-}"
 if [ -z "$PYTHON_BIN" ]; then
@@ -22,9 +40,33 @@ if ! "$PYTHON_BIN" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) els
   exit 1
 fi
 
+# -- 1. system packages ---------------------------------------------------------------------------------
+have_venv_module() { [ -x .venv/bin/python ] || "$PYTHON_BIN" -c 'import ensurepip, venv' >/dev/null 2>&1; }
+have_compose() { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }
+py_version="$("$PYTHON_BIN" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+missing=()
+have_venv_module || missing+=("python${py_version}-venv")
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ "$RUNTIME_ONLY" = 0 ]; then
+  have_compose || missing+=(docker-compose)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing system packages: ${missing[*]} (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing system packages: ${missing[*]}" >&2
+    echo "setup: install them (Debian/Ubuntu: sudo apt-get install ${missing[*]}) and run again" >&2
+    exit 1
+  fi
+fi
+
+# -- 2. the virtualenv ----------------------------------------------------------------------------------
 TORCH_SPEC="${EBCA_TORCH_SPEC:-torch==2.13.0}"
 stamp=".venv/.ebca-setup"
-want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $TORCH_SPEC"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: .venv is up to date"
   exit 0

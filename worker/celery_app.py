@@ -14,6 +14,7 @@ import threading
 
 from celery import Celery, signals
 
+from ebca_common.model_defaults import configured_defaults
 from ebca_common.queueing import celery_config
 from ebca_common.settings import get_settings
 from ebca_common.store import JobStore
@@ -71,6 +72,17 @@ heartbeat = Heartbeat()
 @signals.worker_ready.connect
 def _on_ready(**_: object) -> None:
     heartbeat.start()
+    publish_model_defaults()
+
+
+def publish_model_defaults() -> None:
+    """Tell the api the defaults of the models this worker serves (GET /models lists them)."""
+    try:
+        JobStore.from_settings(settings).publish_model_defaults(
+            {model_id: d.model_dump(mode="json") for model_id, d in configured_defaults(settings).items()}
+        )
+    except Exception as exc:  # Redis away: the api falls back to reading the files itself
+        log.warning("could not publish the model defaults: %s", exc)
 
 
 @signals.worker_process_init.connect

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ebca_common.model_defaults import ModelDefaults, defaults_of
 from ebca_common.settings import Settings
 from ebca_core import ModelNotFoundError, load_pipeline
 
@@ -43,6 +44,7 @@ class PipelineCache:
         # The scheduler each model was loaded with: every job starts from it, so a job's result does
         # not depend on which scheduler the previous job on this worker chose.
         self._schedulers: dict[str, Any] = {}
+        self._defaults: dict[str, ModelDefaults] = {}
         self._lock = threading.Lock()
         #: Seconds each model took to load (the first job's extra cost; later jobs pay nothing).
         self.load_seconds: dict[str, float] = {}
@@ -63,6 +65,7 @@ class PipelineCache:
         while len(self._pipes) >= self.settings.max_cached_models:
             evicted, _ = self._pipes.popitem(last=False)
             self._schedulers.pop(evicted, None)
+            self._defaults.pop(evicted, None)
             log.info("evicted model %s from the pipeline cache", evicted)
             gc.collect()
             if torch.cuda.is_available():
@@ -73,7 +76,12 @@ class PipelineCache:
         log.info("loaded model %s from %s in %.2fs", model_id, location, self.load_seconds[model_id])
         self._pipes[model_id] = pipe
         self._schedulers[model_id] = pipe.scheduler
+        self._defaults[model_id] = defaults_of(location)
         return pipe
+
+    def defaults(self, model_id: str) -> ModelDefaults:
+        """The sampler defaults of a loaded model, read from its directory when it was loaded."""
+        return self._defaults[model_id]
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._pipes

@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ebca_common.errors import ServiceError, ValidationFailed
 from ebca_common.images import encode_image, sha256_hex
 from ebca_common.jobs import JobStatus
+from ebca_common.model_defaults import fill_defaults
 from ebca_common.refs import resolve_ref
 from ebca_common.specs import (
     MAX_SEED,
@@ -178,22 +179,26 @@ class JobRunner:
             endpoint = "/generate"
         elif mode == "inpaint":
             request = InpaintRequest.model_validate(record["request"])
-            data, endpoint = record["request"], "/edit"
+            endpoint = "/edit"
         elif mode == "real":
             request = RealEditRequest.model_validate(record["request"])
-            data, endpoint = record["request"], "/edit"
+            endpoint = "/edit"
         else:
             raise ValueError(f"unknown job kind {record['kind']!r} / mode {mode!r}")
 
+        pipe = self.cache.get(request.model)
+        # Null sampler settings take the model's defaults; the record then shows the values used.
+        request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
+        data = request.model_dump(mode="json")
         # Images are made one pipeline call each (num_images=1, seed + i): batched CPU/GPU kernels round
         # differently from single ones, so only this makes each image's settings reproduce it byte for
         # byte. The inversion of a real image is cached by ebca_core, so repeating the call is cheap.
         base = request.seed if request.seed is not None else draw_seed(request.num_images)
         seeds = [base + i for i in range(request.num_images)]
         total = request.steps * len(seeds)
+        self.store.resolve_request(job_id, data, total, field="plan" if mode == "synthetic" else "request")
         report = self._reporter(job_id, total)
         report.stage("loading")
-        pipe = self.cache.get(request.model)
         common: dict[str, Any] = {
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,

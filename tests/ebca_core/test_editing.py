@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from numerics import LAYER_RTOL, RUN_RTOL, rel_diff
 
 from ebca_core import (
     EBCAPipeline,
@@ -24,10 +25,6 @@ from ebca_core.inversion import ddim_invert
 
 PROMPT = "a cat and a dog"
 SOURCE = "a photo of a cat"
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def smooth_image(width: int = 32, height: int = 32) -> PIL.Image.Image:
@@ -64,7 +61,9 @@ def test_editorial_prompt_equal_to_the_main_prompt_is_an_identity(
     kwargs: dict[str, Any] = {"num_inference_steps": 4, "seed": 3, "output_type": "latent"}
     plain = tiny_pipeline.generate(PROMPT, **kwargs).latents
     same = [EditorialPrompt(PROMPT, alpha=alpha, direction=direction)]
-    assert rel_diff(tiny_pipeline.generate(PROMPT, edits=same, **kwargs).latents, plain) < 1e-5
+    # (O + a O) / (1 + a) = O in exact arithmetic; in float32 the weighted sum and the division round:
+    # a few ulps per layer over 4 steps (numerics.py).
+    assert rel_diff(tiny_pipeline.generate(PROMPT, edits=same, **kwargs).latents, plain) < RUN_RTOL
     # ...whereas a different editorial prompt with the same alpha does move the result.
     other = [EditorialPrompt("monet painting", alpha=alpha, direction=direction)]
     assert rel_diff(tiny_pipeline.generate(PROMPT, edits=other, **kwargs).latents, plain) > 1e-3
@@ -89,7 +88,7 @@ def test_synthetic_edit_same_seed_switches_on_at_alpha_tau(tiny_pipeline: EBCAPi
     edited_steps, edited = trajectory([EditorialPrompt("monet painting", alpha=1.3, alpha_tau=0.5)])
     # alpha_tau 0.5 of 4 steps: the edit is off for the first two U-Net calls, on afterwards.
     assert torch.equal(original_steps[0], edited_steps[0]) and torch.equal(original_steps[1], edited_steps[1])
-    assert rel_diff(edited_steps[2], original_steps[2]) > 1e-4
+    assert rel_diff(edited_steps[2], original_steps[2]) > 10 * RUN_RTOL  # beyond round-off
     assert np.abs(edited.images - original.images).max() > 1e-3
     assert original.seeds == edited.seeds == [48]
 
@@ -131,9 +130,11 @@ def test_editorial_contexts_accumulate_across_steps_while_the_main_context_reset
             gamma_norm=gammas[1],
             scale=attn.scale,
         )
-        assert torch.allclose(nxt.contexts[1], prev.contexts[1] + update, rtol=1e-5, atol=1e-6)
+        # The same formula through other kernels (recomputed logits): one layer of round-off.
+        assert rel_diff(nxt.contexts[1], prev.contexts[1] + update) < LAYER_RTOL
     step_starts = [layers[0].contexts[1] for layers in rec.calls]
-    assert rel_diff(step_starts[1], step_starts[0]) > 1e-4 and rel_diff(step_starts[2], step_starts[1]) > 1e-4
+    assert rel_diff(step_starts[1], step_starts[0]) > 10 * RUN_RTOL
+    assert rel_diff(step_starts[2], step_starts[1]) > 10 * RUN_RTOL
 
 
 def test_editorial_contexts_accumulate_in_float32_under_float16(
@@ -237,7 +238,8 @@ def test_edit_real_batch_of_two_equals_single_runs(tiny_pipeline: EBCAPipeline) 
     assert batch.seeds == [4, 5] and batch.images.shape == (2, 32, 48, 3)
     for i in range(2):
         single = tiny_pipeline.edit_real(image, SOURCE, num_images=1, seed=4 + i, **kwargs)
-        assert rel_diff(batch.latents[i : i + 1], single.latents) < 1e-5
+        # A batch of two runs other matmul blockings than one row: round-off only (numerics.py).
+        assert rel_diff(batch.latents[i : i + 1], single.latents) < RUN_RTOL
     plain = tiny_pipeline.edit_real(image, SOURCE, num_inference_steps=6, output_type="np")
     assert np.abs(batch.images[0] - plain.images[0]).max() > 1e-3, "the edits change the image"
 
@@ -315,7 +317,9 @@ def test_edit_real_samples_with_prompt_and_negative_prompt_equal_to_the_source(
     b = tiny_pipeline.edit_real(
         image, SOURCE, num_inference_steps=5, guidance_scale=1.0, output_type="latent"
     )
-    assert rel_diff(a.latents, b.latents) < 1e-5
+    # uncond + g * (cond - uncond) with cond == uncond is uncond in exact arithmetic; in float32 the
+    # guidance arithmetic can round by an ulp per step (numerics.py).
+    assert rel_diff(a.latents, b.latents) < RUN_RTOL
     # No BCU on the main prompt unless asked: every layer attends with the source embeddings.
     source = tiny_pipeline.encode_text([SOURCE])
     with attn_recorder(tiny_pipeline.unet) as rec:

@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import PIXEL_ATOL, RUN_RTOL, max_pixel_diff, rel_diff
 
 from ebca_core import EBCAPipeline, EnergyConfig, InvalidInputError, load_pipeline
 
@@ -106,7 +107,7 @@ def test_nine_channel_path_conditions_the_unet_on_mask_and_masked_image(
         inpaint_pipeline.inpaint(gray, mask, PROMPT, num_inference_steps=3, seed=0)
     finally:
         handle.remove()
-    assert not torch.allclose(other[0][:, 5:], inputs[0][:, 5:], atol=1e-3)
+    assert rel_diff(other[0][:, 5:], inputs[0][:, 5:]) > 10 * RUN_RTOL, "another image, other latents"
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "euler_ancestral"])
@@ -122,8 +123,10 @@ def test_batch_of_two_equals_single_runs(any_pipeline: EBCAPipeline, scheduler: 
     assert batch.seeds == [7, 8]
     for i in range(2):
         single = any_pipeline.inpaint(image, mask, PROMPT, num_images=1, seed=7 + i, **kwargs)
-        assert np.allclose(batch.images[i], single.images[0], atol=1e-5)
-        assert torch.allclose(batch.latents[i], single.latents[0], atol=1e-5)
+        # A batch of two runs other matmul blockings than one row: round-off only (numerics.py).
+        # Measured up to 1.3e-5 absolute on latents of magnitude 6.9 (relative 1.9e-6) on one CPU.
+        assert rel_diff(batch.latents[i], single.latents[0]) < RUN_RTOL
+        assert max_pixel_diff(batch.images[i], single.images[0]) <= PIXEL_ATOL
     assert np.abs(batch.images[0] - batch.images[1]).max() > 1e-3
 
 
@@ -139,7 +142,7 @@ def test_the_mask_reaches_the_bcu_at_latent_resolution(
     expected = F.interpolate(torch.from_numpy(np.asarray(mask) >= 128).float()[None, None], size=(16, 24))
     assert torch.equal(state.region_mask, expected.expand(2, -1, -1, -1))
     without = any_pipeline.inpaint(image, mask, PROMPT, num_images=2, **kwargs)
-    assert not torch.allclose(with_bcu.latents, without.latents, atol=1e-4)
+    assert rel_diff(with_bcu.latents, without.latents) > 10 * RUN_RTOL, "the BCU changes the result"
 
 
 def test_inputs_as_bytes_paths_and_pil_agree(tiny_pipeline: EBCAPipeline, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from numerics import LAYER_RTOL, PIXEL_ATOL, RUN_RTOL, max_pixel_diff, rel_diff
 
 from ebca_core import (
     EBCAPipeline,
@@ -23,10 +24,6 @@ from ebca_core.energy import bcu_update
 from ebca_core.loading import make_scheduler
 
 PROMPT = "a cat and a dog"  # tokens: <start> a cat and a dog <end> -> "dog" is index 5
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def diffusers_latents(pipe: EBCAPipeline, scheduler: str, latents: torch.Tensor, steps: int) -> torch.Tensor:
@@ -71,11 +68,15 @@ def test_zero_gammas_equal_stock_diffusers(
     zero = pipe.generate(PROMPT, energy=EnergyConfig(0.0, 0.0), **common).latents
     traced = pipe.generate(PROMPT, energy=EnergyConfig(0.0, 0.0), record_energy=True, **common)
     assert traced.energy_trace, "record_energy must go through the EBCA processors"
-    for ours in (plain, zero, traced.latents):
-        assert rel_diff(ours, reference) < 1e-5
+    # energy=None and gammas 0 run diffusers' own kernels on the same inputs in the same order: equal
+    # by construction. record_energy computes the attention itself (softmax(QK^T)V instead of SDPA),
+    # so it differs by float32 round-off of that reordering.
+    assert torch.equal(plain, reference)
+    assert torch.equal(zero, reference)
+    assert rel_diff(traced.latents, reference) < RUN_RTOL
     # The comparison is not vacuous: a non-zero gamma moves the result.
     moved = pipe.generate(PROMPT, energy=EnergyConfig(0.5, 0.5), **common).latents
-    assert rel_diff(moved, reference) > 1e-4
+    assert rel_diff(moved, reference) > 10 * RUN_RTOL
 
 
 def test_cascade_feeds_each_layer_the_previous_layers_update_and_restarts_each_step(
@@ -110,8 +111,10 @@ def test_cascade_feeds_each_layer_the_previous_layers_update_and_restarts_each_s
                 gamma_norm=gamma_norm,
                 scale=attn.scale,
             )
-            assert torch.allclose(nxt.contexts[0], expected, rtol=1e-5, atol=1e-6)
-            assert not torch.allclose(nxt.contexts[0], prev.contexts[0], atol=1e-4), "a real update"
+            # The recorded update and this recomputation run the same formula through other kernels
+            # (the hook sees to_k's output, bcu_update recomputes the logits): one layer of round-off.
+            assert rel_diff(nxt.contexts[0], expected) < LAYER_RTOL
+            assert rel_diff(nxt.contexts[0], prev.contexts[0]) > 100 * LAYER_RTOL, "a real update"
 
 
 def test_token_weights_change_only_the_conditional_half(
@@ -173,8 +176,9 @@ def test_batch_of_two_equals_single_runs(tiny_pipeline: EBCAPipeline, scheduler:
     for i, seed in enumerate((10, 11)):
         single = tiny_pipeline.generate(PROMPT, num_images=1, seed=seed, **kwargs)
         assert single.seeds == [seed]
-        assert rel_diff(batch.latents[i : i + 1], single.latents) < 1e-5
-        assert np.allclose(batch.images[i], single.images[0], atol=1e-5)
+        # A batch of two runs other matmul blockings than one row: round-off only (numerics.py).
+        assert rel_diff(batch.latents[i : i + 1], single.latents) < RUN_RTOL
+        assert max_pixel_diff(batch.images[i], single.images[0]) <= PIXEL_ATOL
     assert rel_diff(batch.latents[0], batch.latents[1]) > 1e-2, "different seeds, different images"
 
 
@@ -244,6 +248,8 @@ def test_half_precision_runs_without_nans(tiny_model_dir: Path, dtype: torch.dty
         energy=EnergyConfig(0.01, 0.02, token_weights={"dog": 2.5}),
         edits=[EditorialPrompt("monet painting", alpha=1.3, gamma_attn=1e-3, gamma_norm=1e-3)],
     )
+    # float16 carries 11 significant bits (eps 1e-3), bfloat16 8 (eps 8e-3): over 3 steps of a
+    # network the latents drift a few percent from float32, while a different image is off by ~1.
     assert rel_diff(out.latents, ref.latents) < 0.05
 
 
@@ -256,7 +262,7 @@ def test_sd2_layout_runs_with_energy(tiny_sd2_model_dir: Path) -> None:
         PROMPT, num_inference_steps=3, seed=1, output_type="np", energy=EnergyConfig(0.3, 0.3)
     )
     assert np.isfinite(out.images).all()
-    assert rel_diff(out.latents, plain.latents) > 1e-4
+    assert rel_diff(out.latents, plain.latents) > 10 * RUN_RTOL  # a real change, not round-off
 
 
 def test_progress_callback_numbers_steps_and_stages(tiny_pipeline: EBCAPipeline) -> None:
@@ -301,7 +307,8 @@ def test_prompt_embeds_match_the_prompt_and_drawn_seeds_reproduce(tiny_pipeline:
     drawn = tiny_pipeline.generate(PROMPT, num_inference_steps=2, output_type="latent", num_images=2)
     assert drawn.seeds[1] == drawn.seeds[0] + 1
     again = tiny_pipeline.generate(PROMPT, num_inference_steps=2, output_type="latent", seed=drawn.seeds[1])
-    assert torch.allclose(again.latents[0], drawn.latents[1], atol=1e-6)
+    # Image 1 of a batch of two vs the same seed alone: batch round-off only (numerics.py).
+    assert rel_diff(again.latents[0], drawn.latents[1]) < RUN_RTOL
 
 
 def test_energy_trace_covers_every_step_and_layer(tiny_pipeline: EBCAPipeline) -> None:
@@ -388,7 +395,7 @@ def test_without_guidance_the_batch_has_no_unconditional_half(
     assert rec.calls[0][0].contexts[0].shape[0] == 2, "one row per image, no CFG rows"
     assert torch.isfinite(batch.latents).all()
     single = tiny_pipeline.generate(PROMPT, num_images=1, seed=3, **kwargs)
-    assert rel_diff(batch.latents[1:], single.latents) < 1e-5
+    assert rel_diff(batch.latents[1:], single.latents) < RUN_RTOL  # batch round-off (numerics.py)
 
 
 def test_a_diverging_run_is_an_error_not_a_black_image(tiny_pipeline: EBCAPipeline) -> None:

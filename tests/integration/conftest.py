@@ -248,9 +248,14 @@ def _make_stack(name: str, db: int, extra: dict[str, str], redis_port: int, logd
 def stack(
     redis_port: int, logdir: Path, tiny_model_dir: Path, tiny_inpaint_model_dir: Path, tmp_path_factory
 ) -> Iterator[Stack]:
-    """The main deployment: local storage, two workers, models tiny (default), tiny-inpaint, broken."""
+    """The main deployment: local storage, two workers, models tiny (default), tiny-inpaint, broken,
+    and the shipped shapes model (which has its own ebca_defaults.json)."""
     storage = tmp_path_factory.mktemp("storage")
-    models = {"tiny-inpaint": str(tiny_inpaint_model_dir), "broken": str(storage / "no-such-model")}
+    models = {
+        "tiny-inpaint": str(tiny_inpaint_model_dir),
+        "broken": str(storage / "no-such-model"),
+        "shapes": str(REPO / "models" / "shapes"),
+    }
     extra = {
         "EBCA_STORAGE_URL": str(storage),
         "EBCA_DEFAULT_MODEL": str(tiny_model_dir),

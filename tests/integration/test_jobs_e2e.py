@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+#: models/shapes/ebca_defaults.json as GET /models lists it.
+SHAPES_DEFAULTS = {"steps": 20, "guidance_scale": 5.0, "scheduler": "ddim", "width": None, "height": None}
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -188,9 +190,13 @@ def test_real_edit_with_upload(stack: Stack) -> None:
 
 def test_models_health_ready_metrics_openapi(stack: Stack, generated: dict) -> None:
     with stack.client() as client:
-        models = client.get("/models").json()["models"]
-        assert {"id": "model", "default": True} in models
-        assert {m["id"] for m in models} == {"model", "tiny-inpaint", "broken"}
+        models = {m["id"]: m for m in client.get("/models").json()["models"]}
+        assert set(models) == {"model", "tiny-inpaint", "broken", "shapes"}
+        assert [mid for mid, m in models.items() if m["default"]] == ["model"]
+        # The workers announce each model's defaults: the shipped file, else the built-in ones.
+        assert models["shapes"]["defaults"] == SHAPES_DEFAULTS
+        builtin = models["model"]["defaults"]
+        assert (builtin["steps"], builtin["guidance_scale"], builtin["scheduler"]) == (30, 7.5, "ddim")
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["workers"] >= 1
@@ -213,3 +219,21 @@ def test_models_health_ready_metrics_openapi(stack: Stack, generated: dict) -> N
             assert path in spec["paths"]
         generate = spec["components"]["schemas"]["GenerateRequest"]["properties"]
         assert all(prop.get("description") for prop in generate.values()), generate
+
+
+def test_null_sampler_fields_take_the_models_defaults(stack: Stack) -> None:
+    """The shipped model's ebca_defaults.json (20 DDIM steps, guidance 5) fills what the request
+    leaves out; the record, the progress total and the image's settings show the values used."""
+    body = {"prompt": "a red circle", "model": "shapes", "seed": 3, "num_images": 2}
+    response = httpx.post(f"{stack.api_url}/generate", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert queued["request"]["steps"] is None and queued["request"]["guidance_scale"] is None
+    job = stack.wait_job(queued["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"stage": "done", "step": 40, "total": 40}  # 2 images x the model's 20
+    used = {"steps": 20, "guidance_scale": 5.0, "scheduler": "ddim", "width": 32, "height": 32}
+    assert {k: job["request"][k] for k in used} == used
+    for image in job["result"]["images"]:
+        assert {k: image["settings"][k] for k in used} == used
+    download_and_check(stack, job, 32, 32)

@@ -201,3 +201,21 @@ def test_a_store_outage_mid_job_is_raised_for_a_retry(
     calls["n"] = 100
     assert runner.run(job_id) == "succeeded"
     assert store.get(job_id).attempts == 2
+
+
+def test_null_steps_run_the_models_own_defaults(settings: Settings) -> None:
+    """The shipped shapes model's ebca_defaults.json says 20 DDIM steps at guidance 5: a request
+    without them runs that, and the record says so."""
+    shapes = str(Path(__file__).resolve().parents[2] / "models" / "shapes")
+    settings = settings.model_copy(update={"models": {"shapes": shapes}})
+    store = SpyStore(JobStore.from_settings(settings).r, settings)
+    runner = JobRunner(store, LocalStorage(settings.storage_root), PipelineCache(settings), "test:1")
+    request = parse_generate({"prompt": "a red circle", "model": "shapes", "seed": 1})
+    job, _ = store.create(kind="generate", mode=None, request=request.model_dump(mode="json"), total_steps=0)
+    assert runner.run(job.id) == "succeeded"
+    assert {total for stage, _, total in store.calls if stage == "denoising"} == {20}
+    done = store.get(job.id)
+    assert done.progress.total == 20 and done.progress.step == 20
+    used = {"steps": 20, "guidance_scale": 5.0, "scheduler": "ddim", "width": 32, "height": 32}
+    assert {k: done.request[k] for k in used} == used
+    assert {k: done.result.images[0].settings[k] for k in used} == used

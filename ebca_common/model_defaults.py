@@ -1,0 +1,109 @@
+"""A model's own defaults: what fills the request fields a client leaves null.
+
+A model directory may hold ``ebca_defaults.json`` (the built-in model ships one: 20 DDIM steps at
+guidance 5, what it was trained and measured with). A model without the file, or a hub id, gets the
+built-in defaults, which suit Stable Diffusion 1.x / 2.x. The worker resolves them when it starts a
+job (it has the model; the api may not: in the compose stack the api container has no model files),
+so the job record's ``request`` and every image's ``settings`` show the values actually used. Workers
+publish the defaults of the models they serve to the job store, where ``GET /models`` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from ebca_common.settings import Settings, looks_like_path
+
+log = logging.getLogger("ebca.models")
+
+DEFAULTS_FILE = "ebca_defaults.json"
+
+#: The noise schedulers a request may name (ebca_core.loading builds them).
+Scheduler = Literal["ddim", "pndm", "euler", "euler_ancestral", "dpm_solver", "lms"]
+
+
+class ModelDefaults(BaseModel):
+    """Sampler defaults of one model. The file's keys are ebca_core's argument names
+    (``num_inference_steps``); the request's (``steps``) are accepted too."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    steps: int = Field(
+        30,
+        ge=1,
+        le=200,
+        validation_alias=AliasChoices("num_inference_steps", "steps"),
+        description="Denoising steps.",
+    )
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    scheduler: Scheduler = Field("ddim", description="Noise scheduler.")
+    width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="null = the native size.")
+    height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="null = the native size.")
+
+
+#: What a model without ``ebca_defaults.json`` uses (Stable Diffusion's customary settings).
+BUILTIN_DEFAULTS = ModelDefaults()
+
+
+def read_model_defaults(directory: str | None) -> ModelDefaults:
+    """The defaults of the model in ``directory`` (None for a hub id: the built-in defaults).
+
+    A missing file means the built-in defaults. A file that is unreadable or invalid also falls back
+    to them, with a warning naming the file and the problem: a typo in it must not take the model
+    out of service, but the operator has to hear about it.
+    """
+    if directory is None:
+        return BUILTIN_DEFAULTS
+    path = Path(directory) / DEFAULTS_FILE
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return BUILTIN_DEFAULTS
+    except OSError as exc:
+        log.warning("%s: unreadable (%s); using the built-in defaults", path, exc)
+        return BUILTIN_DEFAULTS
+    try:
+        return ModelDefaults.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        log.warning("%s: invalid (%s); using the built-in defaults", path, exc)
+        return BUILTIN_DEFAULTS
+
+
+def defaults_of(location: str) -> ModelDefaults:
+    """The defaults of a model as ``Settings.model_table`` locates it (a directory or a hub id)."""
+    return read_model_defaults(location if looks_like_path(location) else None)
+
+
+def configured_defaults(settings: Settings) -> dict[str, ModelDefaults]:
+    """The defaults of every model in the settings' model table, read from their directories."""
+    return {model_id: defaults_of(location) for model_id, location in settings.model_table().items()}
+
+
+_Request = TypeVar("_Request", bound=BaseModel)
+
+
+def fill_defaults(request: _Request, defaults: ModelDefaults, native_size: tuple[int, int]) -> _Request:
+    """``request`` with its null sampler fields taken from ``defaults``; a null width/height of a
+    text-to-image request becomes the model's default size, else its native ``(height, width)``.
+
+    Only fields the request type has are filled (an inpaint or real-image edit takes its size from
+    the input image; a real-image edit always samples with DDIM).
+    """
+    fields = type(request).model_fields
+    native_height, native_width = native_size
+    wanted = {
+        "steps": defaults.steps,
+        "guidance_scale": defaults.guidance_scale,
+        "scheduler": defaults.scheduler,
+        "width": defaults.width or native_width,
+        "height": defaults.height or native_height,
+    }
+    updates = {
+        name: value for name, value in wanted.items() if name in fields and getattr(request, name) is None
+    }
+    return request.model_copy(update=updates) if updates else request
