@@ -11,8 +11,10 @@ import logging
 import os
 import socket
 import threading
+import warnings
 
 from celery import Celery, signals
+from celery.exceptions import SecurityWarning
 
 from ebca_common.model_defaults import configured_defaults
 from ebca_common.queueing import celery_config
@@ -22,6 +24,9 @@ from ebca_common.store import JobStore
 log = logging.getLogger("ebca.worker")
 
 settings = get_settings()
+# Celery's multi-line warning about root privileges is replaced by one line of ours (at ready) that
+# says what to do; every other warning stays.
+warnings.filterwarnings("ignore", category=SecurityWarning, module="celery.platforms")
 app = Celery("ebca-worker", include=["worker.tasks"])
 app.conf.update(celery_config(settings))
 
@@ -72,6 +77,11 @@ heartbeat = Heartbeat()
 @signals.worker_ready.connect
 def _on_ready(**_: object) -> None:
     heartbeat.start()
+    if os.geteuid() == 0:
+        log.warning(
+            "the worker runs as root; in production run it as an unprivileged user "
+            "(Dockerfile.gpu does, as user ebca)"
+        )
     publish_model_defaults()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from typing import TYPE_CHECKING
 
 import httpx
@@ -237,3 +238,14 @@ def test_null_sampler_fields_take_the_models_defaults(stack: Stack) -> None:
     for image in job["result"]["images"]:
         assert {k: image["settings"][k] for k in used} == used
     download_and_check(stack, job, 32, 32)
+
+
+def test_worker_logs_carry_no_third_party_warnings(stack: Stack, generated: dict) -> None:
+    """After the jobs above (models loaded, images made), a worker's log holds no library warning:
+    no Python warning (``SomeWarning: ...``), no advice to install packages, no progress bars."""
+    noise = re.compile(r"\w+Warning: |pip install|torchvision|accelerate|it/s\]")
+    for worker in stack.workers:
+        text = worker.log.read_text(errors="replace")
+        assert "loaded model" in text or "ready." in text, text[-2000:]
+        offending = [line for line in text.splitlines() if noise.search(line)]
+        assert not offending, f"{worker.name}: {offending[:5]}"
