@@ -236,16 +236,16 @@ def create_app(
     )
     def get_image(job_id: str, index: int) -> Response:
         record = store.require(job_id)
-        if record["status"] != JobStatus.SUCCEEDED:
-            raise NotFound(f"job {job_id!r} is {record['status']}; it has no images")
-        images = (record.get("result") or {}).get("images") or []
+        if record.status != JobStatus.SUCCEEDED or record.result is None:
+            raise NotFound(f"job {job_id!r} is {record.status.value}; it has no images")
+        images = record.result.images
         if not 0 <= index < len(images):
             raise NotFound(f"job {job_id!r} has {len(images)} image(s); no image {index}")
         image = images[index]
-        url = storage.presigned_url(image["key"])
+        url = storage.presigned_url(image.key)
         if url is not None:
             return RedirectResponse(url, status_code=307)
-        return Response(storage.get(image["key"]), media_type=image["content_type"])
+        return Response(storage.get(image.key), media_type=image.content_type)
 
     # -- service ---------------------------------------------------------------------------------------
     @app.get("/models", summary="Models that jobs may name, with the defaults of each")

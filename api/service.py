@@ -18,7 +18,7 @@ from PIL import Image
 
 from ebca_common.errors import ObjectNotFound, Unavailable, ValidationFailed
 from ebca_common.images import check_mask, decode_image
-from ebca_common.jobs import Job
+from ebca_common.jobs import Job, JobStatus
 from ebca_common.queueing import RUN_JOB_TASK, celery_config
 from ebca_common.refs import resolve_ref
 from ebca_common.settings import Settings
@@ -269,21 +269,21 @@ class JobService:
             raise ValidationFailed(
                 f"source_job_id: job {request.source_job_id!r} not found", field="source_job_id"
             )
-        if source["kind"] != "generate":
+        if source.kind != "generate":
             raise ValidationFailed(
-                f"source_job_id: job {request.source_job_id!r} is a {source['kind']} job, not generate",
+                f"source_job_id: job {request.source_job_id!r} is a {source.kind} job, not generate",
                 field="source_job_id",
             )
-        if source["status"] != "succeeded":
+        if source.status != JobStatus.SUCCEEDED or source.result is None:
             raise ValidationFailed(
-                f"source_job_id: job {request.source_job_id!r} is {source['status']}, not succeeded",
+                f"source_job_id: job {request.source_job_id!r} is {source.status.value}, not succeeded",
                 field="source_job_id",
             )
-        plan_data = dict(source["request"])
+        plan_data = dict(source.request)
         # Same prompt, seed and settings as the source (its drawn seed if it had none), new edits.
-        plan_data["seed"] = source["result"]["images"][0]["seed"]
+        plan_data["seed"] = source.result.images[0].seed
         plan_data["edits"] = [edit.model_dump(mode="json") for edit in request.edits]
-        plan_data["output_format"] = request.output_format or source["request"]["output_format"]
+        plan_data["output_format"] = request.output_format or source.request["output_format"]
         plan = parse_generate(plan_data)
         check_limits(plan, self.settings)
         data = request.model_dump(mode="json")

@@ -1,4 +1,8 @@
-"""Job states and the job document the api returns (docs/API.md, "Jobs")."""
+"""Job states, the job record the store keeps and the job document the api returns (docs/API.md, "Jobs").
+
+:class:`JobRecord` is the one shape of a job inside the service: the api writes it, the worker reads and
+updates it, and :meth:`JobRecord.view` derives the public :class:`Job` from it.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,9 @@ class JobStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
+        """A final status: the job never changes again (the one definition; every check uses it)."""
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 Stage = Literal["queued", "loading", "inverting", "denoising", "decoding", "uploading", "done"]
 JobKind = Literal["generate", "edit"]
@@ -86,3 +89,61 @@ class Job(BaseModel):
     request: dict[str, Any] = Field(..., description="The validated request, defaults filled in.")
     result: JobResult | None = Field(None, description="The images, once succeeded.")
     error: JobError | None = Field(None, description="Why it failed, once failed.")
+
+
+class JobRecord(BaseModel):
+    """A job as the store keeps it: the public fields plus what only the service needs.
+
+    Stored as a Redis hash with one JSON value per field (ebca_common/store.py), so that the frequent
+    one-field writes (progress every step, the cancel flag) are single atomic HSETs that never rewrite
+    or race the rest of the record.
+    """
+
+    id: str
+    kind: JobKind
+    mode: EditMode | None = None
+    status: JobStatus
+    progress: Progress
+    #: Submission sequence: the job's score in the queue (queue_position = rank).
+    seq: int
+    attempts: int = 0
+    cancel_requested: bool = False
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    #: The validated request, defaults filled in (what GET /jobs/{id} shows).
+    request: dict[str, Any]
+    #: What the worker runs when it differs from ``request`` (a synthetic edit: its source's generate
+    #: request with the edits); None otherwise.
+    plan: dict[str, Any] | None = None
+    #: Uploaded inputs: name ("image", "mask") -> storage key.
+    inputs: dict[str, str] = Field(default_factory=dict)
+    result: JobResult | None = None
+    error: JobError | None = None
+    #: The id of the API key that created the job; None while auth is off.
+    owner: str | None = None
+    #: The worker process (``host:pid``) running or last running the job; it holds the job while its
+    #: heartbeat in ``{p}:workers`` is fresh.
+    lease: str | None = None
+    #: When the job stops counting as worth running (ISO 8601 UTC); None = no deadline.
+    deadline_at: str | None = None
+
+    def view(self, queue_position: int | None) -> Job:
+        """The public document of this job (``queue_position`` from the queue, for a queued job)."""
+        return Job(
+            id=self.id,
+            url=f"/jobs/{self.id}",
+            kind=self.kind,
+            mode=self.mode,
+            status=self.status,
+            progress=self.progress,
+            queue_position=queue_position if self.status == JobStatus.QUEUED else None,
+            attempts=self.attempts,
+            cancel_requested=self.cancel_requested,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            request=self.request,
+            result=self.result,
+            error=self.error,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ebca_common.errors import ValidationFailed
+from ebca_common.jobs import JobStatus
 from ebca_common.specs import ImageRef
 from ebca_common.store import JobStore
 
@@ -13,21 +14,21 @@ def resolve_ref(store: JobStore, ref: ImageRef, field: str) -> str:
     if record is None:
         raise ValidationFailed(f"{field}.job_id: job {ref.job_id!r} not found", field=f"{field}.job_id")
     if ref.input is not None:
-        key = (record.get("inputs") or {}).get(ref.input)
+        key = record.inputs.get(ref.input)
         if key is None:
             raise ValidationFailed(
                 f"{field}.input: job {ref.job_id!r} has no uploaded {ref.input!r}", field=f"{field}.input"
             )
         return key
-    if record.get("status") != "succeeded":
+    if record.status != JobStatus.SUCCEEDED or record.result is None:
         raise ValidationFailed(
-            f"{field}.job_id: job {ref.job_id!r} is {record.get('status')}, not succeeded",
+            f"{field}.job_id: job {ref.job_id!r} is {record.status.value}, not succeeded",
             field=f"{field}.job_id",
         )
-    images = (record.get("result") or {}).get("images") or []
+    images = record.result.images
     if ref.index >= len(images):
         raise ValidationFailed(
             f"{field}.index: job {ref.job_id!r} has {len(images)} image(s), no index {ref.index}",
             field=f"{field}.index",
         )
-    return images[ref.index]["key"]
+    return images[ref.index].key

@@ -1,7 +1,8 @@
 """The Redis job store: job records, queue order, idempotency keys, cancel flags, attempts, heartbeats.
 
 Layout (``{p}`` = EBCA_KEY_PREFIX):
-- ``{p}:job:{id}``     hash, one JSON-encoded value per field of the record
+- ``{p}:job:{id}``     hash, one JSON value per field of the :class:`~ebca_common.jobs.JobRecord` (so
+                        progress and the cancel flag are one-field HSETs that race nothing else)
 - ``{p}:queue``        sorted set of queued job ids by submission sequence (queue_position = rank)
 - ``{p}:seq``          counter giving that sequence
 - ``{p}:running``      set of running job ids
@@ -19,18 +20,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
+from pydantic import TypeAdapter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited, Unavailable
-from ebca_common.jobs import TERMINAL, Job, JobStatus, utcnow
+from ebca_common.jobs import Job, JobError, JobRecord, JobResult, JobStatus, Progress, utcnow
 from ebca_common.settings import Settings
 
 #: Histogram buckets in seconds (jobs take seconds to minutes; steps take milliseconds to seconds).
@@ -39,10 +41,11 @@ HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     "step_duration_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 }
 
-_JSON_FIELDS = (
-    "id kind mode status progress attempts cancel_requested created_at started_at finished_at request "
-    "result error owner inputs plan seq"
-).split()
+#: One validator per record field: every value written to a job hash is checked against the record's
+#: type first, so a partial update can never store what a whole-record read would refuse.
+_FIELDS: dict[str, TypeAdapter[Any]] = {
+    name: TypeAdapter(info.annotation) for name, info in JobRecord.model_fields.items()
+}
 
 BeginOutcome = Literal["run", "missing", "terminal", "duplicate", "exhausted", "canceled"]
 
@@ -52,7 +55,7 @@ class Begin:
     """What a worker should do with a delivery of a job."""
 
     outcome: BeginOutcome
-    record: dict[str, Any] | None = None
+    record: JobRecord | None = None
 
 
 @contextmanager
@@ -90,25 +93,34 @@ class JobStore:
 
     # -- encoding ----------------------------------------------------------------------------------
     @staticmethod
-    def _encode(fields: dict[str, Any]) -> dict[str, str]:
-        return {name: json.dumps(value) for name, value in fields.items()}
+    def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
+        """Hash values for some fields of a record (a whole one: ``dict(record)``)."""
+        encoded = {}
+        for name, value in fields.items():
+            adapter = _FIELDS[name]
+            encoded[name] = adapter.dump_json(adapter.validate_python(value)).decode()
+        return encoded
 
     @staticmethod
-    def _decode(raw: dict[str, str]) -> dict[str, Any]:
-        return {name: json.loads(value) for name, value in raw.items()}
+    def _decode(raw: Mapping[str, str]) -> JobRecord:
+        return JobRecord.model_validate({name: json.loads(value) for name, value in raw.items()})
+
+    @staticmethod
+    def _decode_field(name: str, raw: str) -> Any:
+        return _FIELDS[name].validate_json(raw)
 
     # -- reads ---------------------------------------------------------------------------------------
     def ping(self) -> bool:
         with redis_errors():
             return bool(self.r.ping())
 
-    def record(self, job_id: str) -> dict[str, Any] | None:
-        """The full internal record (including owner, inputs, plan), or None."""
+    def record(self, job_id: str) -> JobRecord | None:
+        """The full internal record (including lease, inputs, plan), or None."""
         with redis_errors():
             raw = self.r.hgetall(self.job_key(job_id))
         return self._decode(raw) if raw else None
 
-    def require(self, job_id: str) -> dict[str, Any]:
+    def require(self, job_id: str) -> JobRecord:
         record = self.record(job_id)
         if record is None:
             raise NotFound(f"job {job_id!r} not found")
@@ -119,13 +131,10 @@ class JobStore:
             rank = self.r.zrank(self.k("queue"), job_id)
         return None if rank is None else int(rank)
 
-    def view(self, record: dict[str, Any]) -> Job:
+    def view(self, record: JobRecord) -> Job:
         """The public job document of a record."""
-        position = self.queue_position(record["id"]) if record["status"] == JobStatus.QUEUED else None
-        public = {name: record.get(name) for name in Job.model_fields if name in record}
-        public["url"] = f"/jobs/{record['id']}"
-        public["queue_position"] = position
-        return Job.model_validate(public)
+        position = self.queue_position(record.id) if record.status == JobStatus.QUEUED else None
+        return record.view(position)
 
     def get(self, job_id: str) -> Job:
         return self.view(self.require(job_id))
@@ -179,25 +188,18 @@ class JobStore:
                             retry_after=self.settings.retry_after_seconds,
                         )
                     seq = int(self.r.incr(self.k("seq")))
-                    record = {
-                        "id": job_id,
-                        "kind": kind,
-                        "mode": mode,
-                        "status": JobStatus.QUEUED.value,
-                        "progress": {"stage": "queued", "step": 0, "total": total_steps},
-                        "attempts": 0,
-                        "cancel_requested": False,
-                        "created_at": utcnow(),
-                        "started_at": None,
-                        "finished_at": None,
-                        "request": request,
-                        "result": None,
-                        "error": None,
-                        "owner": None,
-                        "inputs": inputs or {},
-                        "plan": plan,
-                        "seq": seq,
-                    }
+                    record = JobRecord(
+                        id=job_id,
+                        kind=kind,  # type: ignore[arg-type]
+                        mode=mode,  # type: ignore[arg-type]
+                        status=JobStatus.QUEUED,
+                        progress=Progress(stage="queued", step=0, total=total_steps),
+                        seq=seq,
+                        created_at=utcnow(),
+                        request=request,
+                        plan=plan,
+                        inputs=inputs or {},
+                    )
                     pipe.multi()
                     if idem_key:
                         fingerprint = idempotency[1]  # type: ignore[index]
@@ -206,7 +208,7 @@ class JobStore:
                             json.dumps({"fingerprint": fingerprint, "job_id": job_id}),
                             ex=self.settings.idempotency_ttl_seconds,
                         )
-                    pipe.hset(self.job_key(job_id), mapping=self._encode(record))
+                    pipe.hset(self.job_key(job_id), mapping=self._encode(dict(record)))
                     pipe.zadd(self.k("queue"), {job_id: seq})
                     pipe.hincrby(self.k("stats"), JobStatus.QUEUED.value, 1)
                     pipe.execute()
@@ -255,12 +257,12 @@ class JobStore:
                     if raw is None:
                         pipe.unwatch()
                         raise NotFound(f"job {job_id!r} not found")
-                    status = JobStatus(json.loads(raw))
-                    if status in TERMINAL:
+                    status = self._decode_field("status", raw)
+                    if status.terminal:
                         pipe.unwatch()
                         raise Conflict(f"job {job_id!r} already finished ({status.value}); nothing to cancel")
                     pipe.multi()
-                    pipe.hset(key, "cancel_requested", json.dumps(True))
+                    pipe.hset(key, mapping=self._encode({"cancel_requested": True}))
                     if status == JobStatus.QUEUED:
                         # Never started: canceled at once; its queue message is dropped on delivery.
                         self._finish_fields(pipe, job_id, JobStatus.CANCELED)
@@ -273,11 +275,12 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         with redis_errors():
             raw = self.r.hget(self.job_key(job_id), "cancel_requested")
-        return bool(raw and json.loads(raw))
+        return raw is not None and self._decode_field("cancel_requested", raw)
 
     # -- worker side ---------------------------------------------------------------------------------
-    def begin(self, job_id: str, owner: str) -> Begin:
-        """Claim a delivered job for ``owner`` (a worker process id) and count the attempt.
+    def begin(self, job_id: str, worker_id: str) -> Begin:
+        """Claim a delivered job for ``worker_id`` (a worker process id): take its lease and count the
+        attempt.
 
         A job found ``running`` was started before by a worker that did not finish it: if that worker
         is still alive this delivery is a duplicate (the broker's visibility timeout expired during a
@@ -294,52 +297,44 @@ class JobStore:
                         pipe.unwatch()
                         return Begin("missing")
                     record = self._decode(raw)
-                    status = JobStatus(record["status"])
-                    if status in TERMINAL:
+                    if record.status.terminal:
                         pipe.unwatch()
                         return Begin("terminal", record)
-                    if status == JobStatus.RUNNING:
-                        previous = record.get("owner")
-                        if previous and previous != owner and self.worker_alive(previous):
+                    if record.status == JobStatus.RUNNING:
+                        previous = record.lease
+                        if previous and previous != worker_id and self.worker_alive(previous):
                             pipe.unwatch()
                             return Begin("duplicate", record)
-                        if record.get("cancel_requested"):
+                        if record.cancel_requested:
                             pipe.multi()
                             self._finish_fields(pipe, job_id, JobStatus.CANCELED)
                             pipe.execute()
                             return Begin("canceled", record)
-                        if int(record.get("attempts", 0)) >= self.settings.max_attempts:
-                            error = {
-                                "code": "worker_lost",
-                                "message": f"the worker running this job died {record['attempts']} times "
+                        if record.attempts >= self.settings.max_attempts:
+                            error = JobError(
+                                code="worker_lost",
+                                message=f"the worker running this job died {record.attempts} times "
                                 f"(EBCA_MAX_ATTEMPTS={self.settings.max_attempts}); giving up",
-                            }
+                            )
                             pipe.multi()
                             self._finish_fields(pipe, job_id, JobStatus.FAILED, error=error)
                             pipe.execute()
                             return Begin("exhausted", record)
-                    attempts = int(record.get("attempts", 0)) + 1
-                    total = record["progress"]["total"]
+                    started = {
+                        "status": JobStatus.RUNNING,
+                        "attempts": record.attempts + 1,
+                        "lease": worker_id,
+                        "started_at": utcnow(),
+                        "progress": Progress(stage="loading", step=0, total=record.progress.total),
+                    }
                     pipe.multi()
-                    pipe.hset(
-                        key,
-                        mapping=self._encode(
-                            {
-                                "status": JobStatus.RUNNING.value,
-                                "attempts": attempts,
-                                "owner": owner,
-                                "started_at": utcnow(),
-                                "progress": {"stage": "loading", "step": 0, "total": total},
-                            }
-                        ),
-                    )
+                    pipe.hset(key, mapping=self._encode(started))
                     pipe.zrem(self.k("queue"), job_id)
                     pipe.sadd(self.k("running"), job_id)
-                    if status == JobStatus.QUEUED:
+                    if record.status == JobStatus.QUEUED:
                         pipe.hincrby(self.k("stats"), JobStatus.RUNNING.value, 1)
                     pipe.execute()
-                    record.update(status=JobStatus.RUNNING.value, attempts=attempts, owner=owner)
-                    return Begin("run", record)
+                    return Begin("run", record.model_copy(update=started))
                 except WatchError:
                     continue
 
@@ -350,28 +345,29 @@ class JobStore:
         """
         key = self.job_key(job_id)
         raw = self.r.hget(key, "progress")
-        progress = json.loads(raw) if raw else {"stage": "loading", "step": 0}
-        progress["total"] = total
-        self.r.hset(key, mapping=self._encode({field: data, "progress": progress}))
+        progress = self._decode_field("progress", raw) if raw else Progress(stage="loading")
+        self.r.hset(
+            key, mapping=self._encode({field: data, "progress": progress.model_copy(update={"total": total})})
+        )
 
     def progress(self, job_id: str, stage: str, step: int, total: int) -> bool:
         """Record progress; return whether a cancel was requested (one round trip per step)."""
+        key = self.job_key(job_id)
+        progress = Progress(stage=stage, step=step, total=total)  # type: ignore[arg-type]
         with self.r.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                self.job_key(job_id), "progress", json.dumps({"stage": stage, "step": step, "total": total})
-            )
-            pipe.hget(self.job_key(job_id), "cancel_requested")
+            pipe.hset(key, mapping=self._encode({"progress": progress}))
+            pipe.hget(key, "cancel_requested")
             _, raw = pipe.execute()
-        return bool(raw and json.loads(raw))
+        return raw is not None and self._decode_field("cancel_requested", raw)
 
     def finish(
         self,
         job_id: str,
         status: JobStatus,
         *,
-        result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
-        progress: dict[str, Any] | None = None,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        progress: Progress | None = None,
     ) -> None:
         with self.r.pipeline() as pipe:
             self._finish_fields(pipe, job_id, status, result=result, error=error, progress=progress)
@@ -383,17 +379,12 @@ class JobStore:
         job_id: str,
         status: JobStatus,
         *,
-        result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
-        progress: dict[str, Any] | None = None,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        progress: Progress | None = None,
     ) -> None:
         """Queue the commands that end a job on ``pipe`` (which may be inside MULTI)."""
-        fields: dict[str, Any] = {
-            "status": status.value,
-            "finished_at": utcnow(),
-            "result": result,
-            "error": error,
-        }
+        fields: dict[str, Any] = {"status": status, "finished_at": utcnow(), "result": result, "error": error}
         if progress is not None:
             fields["progress"] = progress
         key = self.job_key(job_id)
@@ -429,11 +420,12 @@ class JobStore:
     def publish_model_defaults(self, defaults: dict[str, dict[str, Any]]) -> None:
         """A worker announces the defaults of the models it serves (GET /models lists them)."""
         if defaults:
-            self.r.hset(self.k("models"), mapping=self._encode(defaults))
+            self.r.hset(self.k("models"), mapping={mid: json.dumps(d) for mid, d in defaults.items()})
 
     def model_defaults(self) -> dict[str, dict[str, Any]]:
         with redis_errors():
-            return self._decode(self.r.hgetall(self.k("models")))
+            raw = self.r.hgetall(self.k("models"))
+        return {mid: json.loads(value) for mid, value in raw.items()}
 
     # -- metrics ---------------------------------------------------------------------------------------
     def observe(self, name: str, value: float) -> None:

@@ -32,7 +32,7 @@ app.conf.update(celery_config(settings))
 
 
 def process_id() -> str:
-    """Identity of this worker process in the job store (owner of the jobs it runs, heartbeat key)."""
+    """Identity of this worker process in the job store (the lease on the jobs it runs, heartbeat key)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

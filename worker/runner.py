@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ebca_common.errors import ServiceError, ValidationFailed
 from ebca_common.images import encode_image, sha256_hex
-from ebca_common.jobs import JobStatus
+from ebca_common.jobs import ImageResult, JobError, JobRecord, JobResult, JobStatus, Progress
 from ebca_common.model_defaults import fill_defaults
 from ebca_common.refs import resolve_ref
 from ebca_common.specs import (
@@ -44,7 +44,7 @@ from worker.pipelines import PipelineCache
 
 log = logging.getLogger("ebca.worker")
 
-#: How often a worker holding a duplicate delivery looks again at the job's live owner.
+#: How often a worker holding a duplicate delivery looks again at the job's lease holder.
 DUPLICATE_POLL_SECONDS = 0.5
 
 
@@ -95,22 +95,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, storage: Storage, cache: PipelineCache, owner: str) -> None:
+    def __init__(self, store: JobStore, storage: Storage, cache: PipelineCache, worker_id: str) -> None:
         self.store = store
         self.storage = storage
         self.cache = cache
-        self.owner = owner
+        #: This process's id (``host:pid``): the lease it takes on the jobs it runs.
+        self.worker_id = worker_id
 
     # -- entry point -------------------------------------------------------------------------------------
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state; returns what happened (for logs and tests)."""
         waited = False
         while True:
-            begin = self.store.begin(job_id, self.owner)
+            begin = self.store.begin(job_id, self.worker_id)
             if begin.outcome != "duplicate":
                 break
             if not waited:
-                log.info("job %s: redelivered while %s still runs it; waiting", job_id, begin.record["owner"])
+                lease = begin.record.lease if begin.record else None
+                log.info("job %s: redelivered while %s still runs it; waiting", job_id, lease)
                 waited = True
             # The broker redelivered a job whose worker is alive and still running it (visibility
             # timeout shorter than the job). Hold the message until that worker finishes or dies, so
@@ -119,8 +121,9 @@ class JobRunner:
         if begin.outcome != "run":
             log.info("job %s: %s, not running it", job_id, begin.outcome)
             return begin.outcome
-        record = begin.record or {}
-        log.info("job %s: attempt %s on %s", job_id, record.get("attempts"), self.owner)
+        record = begin.record
+        assert record is not None  # a "run" outcome always carries the claimed record
+        log.info("job %s: attempt %s on %s", job_id, record.attempts, self.worker_id)
         started = time.perf_counter()
         outcome = "succeeded"
         try:
@@ -137,9 +140,7 @@ class JobRunner:
                 log.exception("job %s failed", job_id)
             else:
                 log.warning("job %s failed: %s: %s", job_id, code, message)
-            error: dict[str, Any] = {"code": code, "message": message}
-            if field:
-                error["field"] = field
+            error = JobError(code=code, message=message, field=field or None)  # type: ignore[arg-type]
             self.store.finish(job_id, JobStatus.FAILED, error=error)
             if code == "out_of_memory" and torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -148,7 +149,7 @@ class JobRunner:
                 job_id,
                 JobStatus.SUCCEEDED,
                 result=result,
-                progress={"stage": "done", "step": total, "total": total},
+                progress=Progress(stage="done", step=total, total=total),
             )
         self.store.observe("job_duration_seconds", time.perf_counter() - started)
         return outcome
@@ -168,23 +169,23 @@ class JobRunner:
         return "internal_error", f"{type(exc).__name__}: {exc}", None
 
     # -- translation into ebca_core calls --------------------------------------------------------------
-    def _execute(self, record: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        job_id = record["id"]
-        mode = record.get("mode")
-        if record["kind"] == "generate" or mode == "synthetic":
+    def _execute(self, record: JobRecord) -> tuple[JobResult, int]:
+        job_id = record.id
+        mode = record.mode
+        if record.kind == "generate" or mode == "synthetic":
             # A synthetic edit is its source's generate request re-run with editorial prompts (the api
             # resolved it into ``plan`` at submission).
-            data = record["plan"] if mode == "synthetic" else record["request"]
-            request: Any = GenerateRequest.model_validate(data)
+            source = record.plan if mode == "synthetic" and record.plan is not None else record.request
+            request: Any = GenerateRequest.model_validate(source)
             endpoint = "/generate"
         elif mode == "inpaint":
-            request = InpaintRequest.model_validate(record["request"])
+            request = InpaintRequest.model_validate(record.request)
             endpoint = "/edit"
         elif mode == "real":
-            request = RealEditRequest.model_validate(record["request"])
+            request = RealEditRequest.model_validate(record.request)
             endpoint = "/edit"
         else:
-            raise ValueError(f"unknown job kind {record['kind']!r} / mode {mode!r}")
+            raise ValueError(f"unknown job kind {record.kind!r} / mode {mode!r}")
 
         pipe = self.cache.get(request.model)
         # Null sampler settings take the model's defaults; the record then shows the values used.
@@ -259,20 +260,20 @@ class JobRunner:
             self.storage.put(key, payload, content_type)
             settings = {**data, "num_images": 1, "seed": int(seed)}
             images.append(
-                {
-                    "index": index,
-                    "url": f"/jobs/{job_id}/images/{index}",
-                    "seed": int(seed),
-                    "width": image.size[0],
-                    "height": image.size[1],
-                    "content_type": content_type,
-                    "sha256": sha256_hex(payload),
-                    "key": key,
-                    "settings_endpoint": endpoint,
-                    "settings": settings,
-                }
+                ImageResult(
+                    index=index,
+                    url=f"/jobs/{job_id}/images/{index}",
+                    seed=int(seed),
+                    width=image.size[0],
+                    height=image.size[1],
+                    content_type=content_type,
+                    sha256=sha256_hex(payload),
+                    key=key,
+                    settings_endpoint=endpoint,
+                    settings=settings,
+                )
             )
-        return {"images": images}, total
+        return JobResult(images=images), total
 
     def _load_image(self, ref: ImageRef | None, field: str, mode: str) -> Image.Image:
         if ref is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited
-from ebca_common.jobs import JobStatus
+from ebca_common.jobs import JobError, JobRecord, JobStatus
 from ebca_common.settings import Settings
 from ebca_common.store import JobStore
 
@@ -80,14 +82,14 @@ def test_begin_counts_attempts_and_detects_lost_workers(store_settings: Settings
     store = JobStore.from_settings(store_settings.model_copy(update={"max_attempts": 2}))
     job_id = new_job(store)
     store.heartbeat("w:1")
-    assert store.begin(job_id, "w:1").record["attempts"] == 1
+    assert store.begin(job_id, "w:1").record.attempts == 1
     # Redelivered while w:1 still beats: a duplicate, not a crash.
     assert store.begin(job_id, "w:2").outcome == "duplicate"
     # w:1 stops beating (killed): the next delivery is attempt 2.
     store.r.zadd(store.k("workers"), {"w:1": time.time() - 60})
     assert not store.worker_alive("w:1")
     second = store.begin(job_id, "w:2")
-    assert second.outcome == "run" and second.record["attempts"] == 2
+    assert second.outcome == "run" and second.record.attempts == 2
     # w:2 dies too; the attempt limit is reached, so the job fails instead of running a third time.
     assert store.begin(job_id, "w:3").outcome == "exhausted"
     job = store.get(job_id)
@@ -121,3 +123,36 @@ def test_live_workers(store: JobStore) -> None:
     assert store.live_workers() == ["a:1"]
     store.worker_gone("a:1")
     assert store.live_workers() == []
+
+
+def test_the_record_round_trips_through_the_hash(store: JobStore) -> None:
+    job_id = new_job(store, inputs={"image": "jobs/x/inputs/image.png"})
+    record = store.require(job_id)
+    assert isinstance(record, JobRecord)
+    assert (record.status, record.seq, record.attempts, record.lease, record.owner) == (
+        JobStatus.QUEUED, 1, 0, None, None,
+    )  # fmt: skip
+    assert record.inputs == {"image": "jobs/x/inputs/image.png"} and record.deadline_at is None
+    claimed = store.begin(job_id, "host:42").record
+    # The hash holds one JSON value per record field; the worker's id is the lease, not the owner.
+    raw = store.r.hgetall(store.job_key(job_id))
+    assert set(raw) == set(JobRecord.model_fields)
+    assert json.loads(raw["lease"]) == "host:42" and json.loads(raw["owner"]) is None
+    assert store.require(job_id) == claimed
+    store.finish(job_id, JobStatus.FAILED, error=JobError(code="internal_error", message="boom"))
+    done = store.require(job_id)
+    assert done.status.terminal and done.error == JobError(code="internal_error", message="boom")
+    assert store.get(job_id) == done.view(None)
+
+
+def test_partial_writes_are_checked_against_the_record_type(store: JobStore) -> None:
+    job_id = new_job(store)
+    with pytest.raises(ValidationError):
+        store.progress(job_id, "sleeping", 1, 5)  # not a Stage
+    with pytest.raises(KeyError):
+        store._encode({"no_such_field": 1})
+    assert store.require(job_id).progress.stage == "queued"  # nothing was written
+
+
+def test_terminal_is_one_property_of_the_status() -> None:
+    assert {s for s in JobStatus if s.terminal} == {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}

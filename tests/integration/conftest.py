@@ -168,15 +168,15 @@ class Stack:
     def live_workers(self) -> list[Proc]:
         return [w for w in self.workers if w.alive()]
 
-    def owner_pid(self, job_id: str) -> int:
-        """The pid of the process that runs (or last ran) ``job_id``, from the job record's owner."""
-        owner = json.loads(self.redis.hget(f"ebca:job:{job_id}", "owner") or "null")
-        assert owner, f"job {job_id} has no owner"
-        return int(owner.rsplit(":", 1)[1])
+    def lease_pid(self, job_id: str) -> int:
+        """The pid of the process that runs (or last ran) ``job_id``, from the job record's lease."""
+        lease = json.loads(self.redis.hget(f"ebca:job:{job_id}", "lease") or "null")
+        assert lease, f"job {job_id} has no lease"
+        return int(lease.rsplit(":", 1)[1])
 
     def worker_of(self, job_id: str) -> Proc:
         """The worker (pool=solo: the job runs in the worker process itself) that runs ``job_id``."""
-        pid = self.owner_pid(job_id)
+        pid = self.lease_pid(job_id)
         return next(w for w in self.workers if w.pid == pid)
 
     def shutdown(self) -> None:

@@ -145,7 +145,7 @@ def test_prefork_child_killed_mid_job_runs_again(prefork_stack: Stack) -> None:
     job_id = submit(stack, SLOW)
     stack.wait_job(job_id, running_at_step(3), timeout=120)
     (parent,) = stack.workers
-    child = stack.owner_pid(job_id)
+    child = stack.lease_pid(job_id)
     assert child != parent.pid  # the default pool runs jobs in a child process
     os.kill(child, signal.SIGKILL)
     # The parent notices the lost child and hands the message back (reject_on_worker_lost); a new
@@ -153,6 +153,6 @@ def test_prefork_child_killed_mid_job_runs_again(prefork_stack: Stack) -> None:
     job = stack.wait_job(job_id, timeout=120)
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2
-    assert stack.owner_pid(job_id) not in (child, parent.pid)
+    assert stack.lease_pid(job_id) not in (child, parent.pid)
     assert parent.alive()
     assert stack.wait_job(submit(stack, QUICK))["status"] == "succeeded"  # the worker serves on
