@@ -111,7 +111,7 @@ def test_image_download_from_local_store(app_parts) -> None:
     client, store = app_parts
     job_id = client.post("/generate", json={"prompt": "a cat"}).json()["id"]
     assert client.get(f"/jobs/{job_id}/images/0").status_code == 404  # not finished
-    app_storage = client.app.state.storage
+    app_storage = client.app.state.services.storage
     app_storage.put(f"jobs/{job_id}/0.png", b"\x89PNG-bytes", "image/png")
     store.begin(job_id, "w")
     image = {"index": 0, "key": f"jobs/{job_id}/0.png", "content_type": "image/png", "url": "", "seed": 1}

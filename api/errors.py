@@ -1,0 +1,117 @@
+"""One error body for everything the api answers: ``{"error": {"code", "message", "field"?}}``.
+
+Every :class:`~ebca_common.errors.ServiceError` maps to its status and code; FastAPI's own request
+validation, Starlette's 404/405, a Redis outage and anything unexpected are mapped to the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+
+from ebca_common.errors import ServiceError, Unavailable, ValidationFailed
+from ebca_common.settings import Settings
+from ebca_common.specs import field_path
+
+log = logging.getLogger("ebca.api")
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "description": "Stable error code (docs/API.md, Errors)."},
+                "message": {"type": "string", "description": "What went wrong, for humans."},
+                "field": {"type": "string", "description": "Dotted path of the field at fault, if one is."},
+            },
+            "required": ["code", "message"],
+        }
+    },
+}
+ERRORS = {
+    code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    for code, text in {
+        404: "Unknown job or image.",
+        409: "Idempotency conflict, or cancel of a finished job.",
+        413: "Upload or body over the configured limit.",
+        422: "Invalid request; `field` names the field.",
+        429: "Queue full (Retry-After).",
+        503: "Redis or the queue unreachable (Retry-After); nothing was created.",
+    }.items()
+}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+def install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    """Register the handlers that give every error the one body shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, Unavailable) and exc.retry_after is None:
+            exc.retry_after = settings.retry_after_seconds
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "path", "query", "header"))
+        path = field_path(loc) or None
+        return error_response(ValidationFailed(f"{path}: {first.get('msg')}", field=path))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route whose path matched; /jobs/{id} has two (GET, DELETE).
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(
+            Unavailable(f"the job store is unreachable: {exc}", retry_after=settings.retry_after_seconds)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            {"error": {"code": "internal_error", "message": "internal error; see the api log"}},
+            status_code=500,
+        )
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path (for the Allow header of a 405)."""
+    methods: set[str] = set()
+    for route in _routes(app.router.routes):
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods.update(route_methods)
+    return sorted(methods)
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes of the app, the included routers' too (FastAPI keeps an included router as one
+    entry whose ``original_router`` holds its routes, already prefixed)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _routes(included.routes)
+        else:
+            yield route
