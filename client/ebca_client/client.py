@@ -1,163 +1,83 @@
-"""Synchronous SDK: ``Client`` submits jobs and returns ``Job`` handles that poll, download and save."""
+"""Synchronous SDK: ``Client`` submits jobs and returns ``Job`` handles that wait, download and save.
+
+Every method's logic is in ``_base.py``; this module performs its steps with blocking calls.
+"""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx
 
-from ebca_client import _core
-from ebca_client._core import EditArg, EnergyArg, ImageArg, RequestSpec, RetryPolicy
-from ebca_client.errors import APIError, JobTimeout, TransportError
-from ebca_client.models import InversionSpec, JobInfo, JobStatus, ModelInfo, ModelList
-from ebca_client.settings import ClientSettings
+from ebca_client._base import (
+    STREAM_IDLE_TIMEOUT,
+    BaseClient,
+    BaseJob,
+    Close,
+    Emit,
+    Flow,
+    Open,
+    ReadLine,
+    Runner,
+    Send,
+    Sleep,
+    Step,
+    _deadline,
+)
+from ebca_client.models import JobEvent, JobInfo, ModelInfo
 
-logger = logging.getLogger("ebca_client")
-
-USER_AGENT = "ebca-client/0.1"
+T = TypeVar("T")
 
 
-class Job:
-    """A handle on one job. ``info`` is the last record fetched (its fields also read directly off the
-    handle: ``job.result``, ``job.error``); ``refresh()`` fetches a new one."""
+class Job(BaseJob["Job"]):
+    """A handle on one job; ``Client`` methods return it. See ``BaseJob`` for ``wait`` and ``cancel``."""
 
-    def __init__(self, client: Client, info: JobInfo) -> None:
-        self._client = client
-        self.info = info
+    _client: Client
 
-    def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, status={self.status!r})"
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def status(self) -> str:
-        return self.info.status
-
-    @property
-    def done(self) -> bool:
-        return self.info.is_terminal
-
-    def __getattr__(self, name: str) -> Any:
-        # The record's fields read straight off the handle: job.result, job.error, job.progress, ...
-        # (only reached for names the handle itself does not define).
-        if name == "info" or name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return getattr(self.info, name)
-        except AttributeError:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
+    def _resolve(self, flow: Flow[Any]) -> Job:
+        self._client._run(flow)
+        return self
 
     def refresh(self) -> JobInfo:
-        self.info = self._client._get_job_info(self.id)
-        return self.info
+        """Fetch the job record again (``GET /jobs/{id}``)."""
+        return self._client._run(self._refresh_flow())
 
-    def cancel(self) -> Job:
-        self.info = self._client._cancel_info(self.id)
-        return self
-
-    def wait(
-        self,
-        timeout: float | None = None,
-        poll_interval: float = 0.5,
-        *,
-        max_poll_interval: float = 5.0,
-        on_update: Callable[[JobInfo], None] | None = None,
-        raise_on_failure: bool = True,
-    ) -> Job:
-        """Poll until the job is terminal; returns ``self``.
-
-        The interval starts at ``poll_interval`` and grows by half each poll that brings no news, up
-        to ``max_poll_interval``; any change of status or progress resets it, so a running job is
-        followed closely and a long queue is not hammered. Raises ``JobTimeout`` after ``timeout``
-        seconds (the job keeps running), ``JobFailed``/``JobCanceled`` when it did not succeed and
-        ``raise_on_failure`` is true.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = poll_interval
-        last_seen: tuple[Any, ...] | None = None
-        info = self.info
-        while True:
-            if on_update is not None:
-                on_update(info)
-            if info.is_terminal:
-                break
-            seen = _core.progress_key(info)
-            interval = (
-                poll_interval if seen != last_seen else _core.next_poll_interval(interval, max_poll_interval)
-            )
-            last_seen = seen
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise JobTimeout(info, timeout or 0.0)
-                time.sleep(min(interval, remaining))
-            else:
-                time.sleep(interval)
-            info = self.refresh()
-        if raise_on_failure:
-            _core.raise_for_outcome(info)
-        return self
+    def events(
+        self, *, timeout: float | None = None, idle_timeout: float = STREAM_IDLE_TIMEOUT
+    ) -> Iterator[JobEvent]:
+        """The job's live events, from its first one (the stream replays what already happened) to
+        its terminal one, after which the iteration ends; ``info`` follows each one. Raises
+        ``JobTimeout`` once ``timeout`` seconds have passed, ``EventsUnavailable`` when the server
+        does not offer live events (``wait()`` then polls) and ``TransportError`` when the stream
+        keeps failing. Reconnects resume with ``Last-Event-ID``."""
+        return self._client._iterate(self._events_flow(_deadline(timeout), timeout, idle_timeout, probe=True))
 
     def image_bytes(self, index: int = 0) -> bytes:
-        image = _core.image_result(self.info, index)
-        data = self._client._download(image.url)
-        _core.check_digest(data, image.sha256, f"job {self.id} image {index}")
-        return data
+        """Download image ``index`` and check it against the record's sha256."""
+        return self._client._run(self._image_bytes_flow(index))
 
     def images(self) -> list[Any]:
         """The job's images as PIL images (the job must have succeeded; call ``wait`` first)."""
-        return [_core.decode_image(self.image_bytes(img.index)) for img in _core.require_images(self.info)]
+        return self._client._run(self._images_flow())
 
     def save(self, directory: str | Path = ".") -> list[Path]:
         """Write every image to ``directory`` as ``<job id>-<index>.<ext>``; returns the paths."""
-        target = Path(directory)
-        target.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for img in _core.require_images(self.info):
-            path = target / _core.image_filename(self.id, img.index, img.extension)
-            path.write_bytes(self.image_bytes(img.index))
-            paths.append(path)
-        return paths
+        return self._client._run(self._save_flow(directory))
 
 
-class Client:
-    """Synchronous client of the EBCA Serve REST API (docs/API.md).
+class Client(BaseClient[Job]):
+    """Synchronous client of the EBCA Serve REST API (docs/API.md); see ``BaseClient``."""
 
-    ``base_url`` defaults to ``EBCA_API_URL`` (else http://127.0.0.1:8000). GET and DELETE are retried
-    on transport errors and on 429/502/503/504; submits send an ``Idempotency-Key`` (one per call,
-    reused across its retries) so they are retried the same way without ever creating two jobs.
-    """
+    _http: httpx.Client
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-        retry: RetryPolicy | None = None,
-        headers: Mapping[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        settings = ClientSettings.from_env()
-        if base_url is not None:
-            settings = settings.model_copy(update={"api_url": ClientSettings._check_url(base_url)})
-        self.base_url = settings.api_url
-        self.retry = retry or RetryPolicy(
-            max_retries=settings.max_retries if max_retries is None else max_retries
-        )
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            timeout=settings.timeout if timeout is None else timeout,
-            headers={"User-Agent": USER_AGENT, **(headers or {})},
-            transport=transport,
-        )
+    def _http_client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(**kwargs)
+
+    def _job(self, flow: Flow[JobInfo]) -> Job:
+        return Job(self, self._run(flow))
 
     def __enter__(self) -> Client:
         return self
@@ -168,172 +88,62 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    # -- transport -----------------------------------------------------------------------------------
-
-    def _send(self, spec: RequestSpec) -> httpx.Response:
-        retries = 0
-        while True:
-            request = spec.build(self._http)
-            try:
-                response = self._http.send(request, follow_redirects=spec.method == "GET")
-            except httpx.UnsupportedProtocol as exc:
-                raise TransportError(f"{spec.method} {request.url}: {exc}", url=str(request.url)) from exc
-            except httpx.TransportError as exc:
-                if spec.retryable_on_transport_error and retries < self.retry.max_retries:
-                    retries += 1
-                    delay = self.retry.delay(retries)
-                    logger.info(
-                        "%s %s failed (%s); retry %d in %.2fs", spec.method, spec.path, exc, retries, delay
-                    )
-                    time.sleep(delay)
-                    continue
-                raise TransportError(
-                    f"{spec.method} {request.url}: {type(exc).__name__}: {exc or 'connection failed'}",
-                    url=str(request.url),
-                ) from exc
-            if response.status_code < 400:
-                response.read()
-                return response
-            response.read()
-            if _core.should_retry_status(spec, response.status_code) and retries < self.retry.max_retries:
-                retries += 1
-                retry_after = _core.parse_retry_after(response.headers.get("retry-after"))
-                delay = self.retry.delay(retries, retry_after)
-                logger.info(
-                    "%s %s -> %d; retry %d in %.2fs",
-                    spec.method,
-                    spec.path,
-                    response.status_code,
-                    retries,
-                    delay,
-                )
-                time.sleep(delay)
-                continue
-            raise _core.api_error_from_response(response)
-
-    def _job_from(self, response: httpx.Response) -> Job:
-        return Job(self, JobInfo.model_validate(response.json()))
-
-    def _get_job_info(self, job_id: str) -> JobInfo:
-        response = self._send(RequestSpec("GET", f"/jobs/{job_id}"))
-        return JobInfo.model_validate(response.json())
-
-    def _cancel_info(self, job_id: str) -> JobInfo:
-        try:
-            response = self._send(RequestSpec("DELETE", f"/jobs/{job_id}"))
-        except APIError as exc:
-            # Cancel is idempotent for the caller: a job that is already canceled (for instance by the
-            # first attempt of a retried DELETE whose answer was lost) is reported, not an error.
-            if exc.status == 409:
-                info = self._get_job_info(job_id)
-                if info.status == JobStatus.CANCELED:
-                    return info
-            raise
-        return JobInfo.model_validate(response.json())
-
-    def _download(self, url: str) -> bytes:
-        return self._send(RequestSpec("GET", url)).content
-
-    # -- public API ----------------------------------------------------------------------------------
-
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        model: str | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        scheduler: str | None = None,
-        num_images: int | None = None,
-        seed: int | None = None,
-        output_format: str | None = None,
-        energy: EnergyArg = None,
-        edits: Sequence[EditArg] | None = None,
-        extra: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
-        """Submit ``POST /generate``; ``None`` arguments take the server's defaults."""
-        body = _core.generate_body(locals())
-        return self._job_from(self._send(_core.submit_spec("/generate", body, None, idempotency_key)))
-
-    def edit_inpaint(
-        self,
-        image: ImageArg,
-        mask: ImageArg,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        model: str | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        scheduler: str | None = None,
-        num_images: int | None = None,
-        seed: int | None = None,
-        output_format: str | None = None,
-        energy: EnergyArg = None,
-        extra: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
-        """Repaint the white part of ``mask`` in ``image`` (paths, bytes, PIL images or ``ImageRef``)."""
-        body = _core.inpaint_body(locals())
-        spec = _core.submit_spec("/edit", body, {"image": image, "mask": mask}, idempotency_key)
-        return self._job_from(self._send(spec))
-
-    def edit_real(
-        self,
-        image: ImageArg,
-        source_prompt: str,
-        edits: Sequence[EditArg],
-        *,
-        model: str | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images: int | None = None,
-        seed: int | None = None,
-        output_format: str | None = None,
-        energy: EnergyArg = None,
-        inversion: InversionSpec | Mapping[str, Any] | None = None,
-        extra: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
-        """Invert a real ``image`` described by ``source_prompt`` and apply the editorial prompts."""
-        body = _core.real_body(locals())
-        spec = _core.submit_spec("/edit", body, {"image": image}, idempotency_key)
-        return self._job_from(self._send(spec))
-
-    def edit_synthetic(
-        self,
-        source_job: Job | JobInfo | str,
-        edits: Sequence[EditArg],
-        *,
-        output_format: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
-        """Re-run a succeeded generate job (prompt, seed, settings) with editorial prompts."""
-        body = _core.synthetic_body(locals())
-        return self._job_from(self._send(_core.submit_spec("/edit", body, None, idempotency_key)))
-
-    def get_job(self, job_id: str) -> Job:
-        return Job(self, self._get_job_info(_core.job_id_of(job_id)))
-
-    def cancel(self, job: Job | JobInfo | str) -> Job:
-        """Cancel a job: queued jobs never start, running ones stop at the next denoising step."""
-        return Job(self, self._cancel_info(_core.job_id_of(job)))
-
     def models(self) -> list[ModelInfo]:
-        return ModelList.model_validate(self._send(RequestSpec("GET", "/models")).json()).models
+        return self._run(self._models_flow())
 
     def health(self) -> dict[str, Any]:
-        return self._send(RequestSpec("GET", "/healthz")).json()
+        return self._run(self._health_flow())
 
     def ready(self) -> bool:
         """True when ``/readyz`` answers 200 (Redis up and a worker alive); never retries."""
+        return self._run(self._ready_flow())
+
+    # -- performing the steps --------------------------------------------------------------------------
+
+    def _run(self, flow: Flow[T]) -> T:
+        runner = Runner(flow)
+        for _ in self._drive(runner):
+            pass
+        return cast(T, runner.result)
+
+    def _iterate(self, flow: Flow[None]) -> Iterator[JobEvent]:
+        return self._drive(Runner(flow))
+
+    def _drive(self, runner: Runner[Any]) -> Iterator[JobEvent]:
         try:
-            response = self._http.get("/readyz")
-        except httpx.TransportError:
-            return False
-        return response.status_code == 200
+            for step in runner:
+                if isinstance(step, Emit):
+                    yield step.event
+                    continue
+                try:
+                    runner.reply(self._perform(step, runner))
+                except httpx.HTTPError as exc:
+                    runner.fail(exc)
+        finally:
+            for response in runner.streams:
+                response.close()
+
+    def _perform(self, step: Step, runner: Runner[Any]) -> Any:
+        match step:
+            case Send(spec):
+                return self._http.send(spec.build(self._http), follow_redirects=spec.method == "GET")
+            case Sleep(seconds):
+                time.sleep(seconds)
+            case Open(spec, read_timeout):
+                response = self._http.send(
+                    spec.build(self._http, read_timeout), stream=True, follow_redirects=True
+                )
+                if response.is_success:
+                    runner.streams[response] = response.iter_lines()
+                else:
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
+                return response
+            case ReadLine(response):
+                return next(runner.streams[response], None)
+            case Close(response):
+                runner.streams.pop(response, None)
+                response.close()
+        return None

@@ -2,17 +2,19 @@
 
 Request models hold types only, not the server's ranges: the API is the one authority on what is
 valid, and its 422 answers (surfaced as ``APIError`` with the field) are more precise than a second
-copy of the rules here could stay. Response models ignore unknown fields so that a newer server does
-not break an older client.
+copy of the rules here could stay. The submit bodies are strict about JSON types as the API is (an
+integer field takes an int, not ``"5"`` or ``True``), so a wrong type fails before anything is sent.
+Response models ignore unknown fields so that a newer server does not break an older client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class JobStatus(StrEnum):
@@ -30,6 +32,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def to_json(self) -> dict[str, Any]:
+        # Fields left None take the server's defaults (docs/API.md), so the client never copies them.
         return self.model_dump(mode="json", exclude_none=True)
 
 
@@ -78,6 +81,102 @@ class ImageRef(_Request):
     input: Literal["image", "mask"] | None = None
 
 
+# ---------------------------------------------------------------------------------------------------
+# Submit bodies (POST /generate, POST /edit). A nested spec is either the typed model, sent with its
+# defaults, or a plain mapping, sent as given (the server fills what it leaves out, and a field newer
+# than this client passes through). Listed first, the mapping branch takes every dict as it is.
+
+_Energy = Annotated[dict[str, Any] | EnergySpec, Field(union_mode="left_to_right")]
+_Edit = Annotated[dict[str, Any] | EditSpec, Field(union_mode="left_to_right")]
+_Inversion = Annotated[dict[str, Any] | InversionSpec, Field(union_mode="left_to_right")]
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) and not isinstance(value, dict) else value
+
+
+def _edit_list(value: Any) -> Any:
+    """One edit or a sequence of them; a bare string is ``{"prompt": ...}`` with the server's options."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Mapping, EditSpec)):
+        value = [value]
+    if isinstance(value, Sequence):
+        return [{"prompt": v} if isinstance(v, str) else _plain(v) for v in value]
+    return value
+
+
+class _SubmitRequest(_Request):
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("energy", "inversion", mode="before", check_fields=False)
+    @classmethod
+    def _mapping_as_dict(cls, value: Any) -> Any:
+        return _plain(value)
+
+    @field_validator("edits", mode="before", check_fields=False)
+    @classmethod
+    def _edits(cls, value: Any) -> Any:
+        return _edit_list(value)
+
+
+class _Sampling(_SubmitRequest):
+    """Fields every image-making request shares."""
+
+    model: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    num_images: int | None = None
+    seed: int | None = None
+    output_format: str | None = None
+    energy: _Energy | None = None
+
+
+class GenerateRequest(_Sampling):
+    """``POST /generate``."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    edits: list[_Edit] | None = None
+
+
+class InpaintRequest(_Sampling):
+    """``POST /edit`` with ``mode: inpaint``; uploads travel as file parts, references in the body."""
+
+    mode: Literal["inpaint"] = "inpaint"
+    prompt: str
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+    image_ref: ImageRef | None = None
+    mask_ref: ImageRef | None = None
+
+
+class RealEditRequest(_Sampling):
+    """``POST /edit`` with ``mode: real``."""
+
+    mode: Literal["real"] = "real"
+    source_prompt: str
+    edits: list[_Edit] = Field(default_factory=list)
+    image_ref: ImageRef | None = None
+    inversion: _Inversion | None = None
+
+
+class SyntheticEditRequest(_SubmitRequest):
+    """``POST /edit`` with ``mode: synthetic``."""
+
+    mode: Literal["synthetic"] = "synthetic"
+    source_job_id: str
+    edits: list[_Edit] = Field(default_factory=list)
+    output_format: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Responses
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -113,6 +212,25 @@ class JobErrorInfo(_Response):
     message: str
 
 
+class JobEvent(_Response):
+    """One live event of a job (``GET /jobs/{id}/events``; docs/API.md): its status with the progress,
+    queue position, result or error that came with it. ``id`` is the event's SSE id, the position a
+    reconnecting stream resumes after."""
+
+    id: str | None = None
+    job_id: str
+    status: str
+    at: datetime | None = None
+    queue_position: int | None = None
+    progress: Progress = Field(default_factory=Progress)
+    result: JobResult | None = None
+    error: JobErrorInfo | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
 class JobInfo(_Response):
     """One job record as returned by ``GET /jobs/{id}`` (and by the submit and cancel calls)."""
 
@@ -139,6 +257,19 @@ class JobInfo(_Response):
     @property
     def images(self) -> list[ImageResult]:
         return list(self.result.images) if self.result else []
+
+    def with_event(self, event: JobEvent) -> JobInfo:
+        """This record as the event describes the job now (the fields an event carries)."""
+        update: dict[str, Any] = {
+            "status": event.status,
+            "progress": event.progress,
+            "queue_position": event.queue_position,
+        }
+        if event.result is not None:
+            update["result"] = event.result
+        if event.error is not None:
+            update["error"] = event.error
+        return self.model_copy(update=update)
 
 
 class ModelInfo(_Response):
