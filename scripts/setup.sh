@@ -74,6 +74,9 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON_BIN" -m venv .venv
+# Left in the checkout by the setuptools builds of earlier versions: on sys.path (the tests run from the
+# checkout) it would stand in for the installed project's metadata.
+rm -rf ebca_serve.egg-info
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "setup: installing $TORCH_SPEC"
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
