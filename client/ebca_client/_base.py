@@ -1,10 +1,8 @@
 """What ``Client`` and ``AsyncClient``, and their job handles, share: every method's logic, once.
 
-A method's logic is a *flow*: a generator that yields the I/O it needs as steps (send this request,
-sleep, open an event stream, read its next line, hand an event to the caller) and is sent each
-step's result, or has the step's httpx error thrown in, the way httpx's own ``Auth.auth_flow`` works.
-``client.py`` performs the steps with blocking calls and ``aio.py`` with awaits; neither holds any
-other logic, so the two clients cannot drift apart.
+A method's logic is a *flow* (``_flow.py``): a generator that yields the I/O it needs as steps and is
+sent each step's result. ``client.py`` performs the steps with blocking calls and ``aio.py`` with
+awaits; neither holds any other logic, so the two clients cannot drift apart.
 
 The public methods that return a job handle are defined here once, typed by the subclass: the sync
 client binds the handle type to ``Job``, the async one to a coroutine of ``AsyncJob``.
@@ -15,8 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +21,7 @@ import httpx
 
 from ebca_client import _core
 from ebca_client._core import EditArg, EnergyArg, ImageArg, InversionArg, RequestSpec, RetryPolicy
+from ebca_client._flow import Close, Emit, Flow, Open, ReadLine, Send, Sleep, absorb
 from ebca_client._sse import ServerSentEvent, SSEParser
 from ebca_client._version import __version__
 from ebca_client.errors import (
@@ -54,106 +52,8 @@ USER_AGENT = f"ebca-client/{__version__}"
 # stream silent for three of those is taken for dead and reconnected.
 STREAM_IDLE_TIMEOUT = 45.0
 
-T = TypeVar("T")
 _JobR = TypeVar("_JobR")
 _HandleR = TypeVar("_HandleR")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Steps and the runner
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send a request and read the whole response. Result: the ``httpx.Response``."""
-
-    spec: RequestSpec
-
-
-@dataclass(frozen=True)
-class Sleep:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Open:
-    """Send a request and return as soon as the response's headers are in. Result: the response; a
-    2xx body is left for ``ReadLine``, any other is read whole (for its error body) and closed."""
-
-    spec: RequestSpec
-    read_timeout: float
-
-
-@dataclass(frozen=True)
-class ReadLine:
-    """Result: the next line of an opened response without its line ending, or None at its end."""
-
-    response: httpx.Response
-
-
-@dataclass(frozen=True)
-class Close:
-    response: httpx.Response
-
-
-@dataclass(frozen=True)
-class Emit:
-    """Hand an event to whoever iterates the flow (``job.events()``)."""
-
-    event: JobEvent
-
-
-Step = Send | Sleep | Open | ReadLine | Close | Emit
-Flow = Generator[Step, Any, T]
-
-
-class Runner(Generic[T]):
-    """Steps one flow for a client: ``for step in runner`` gives the flow's steps, and ``reply`` (the
-    step's result) or ``fail`` (its httpx error, for the flow to judge) answers each one. ``result``
-    is the flow's return value once the loop has ended. ``streams`` holds the responses the flow
-    opened and has not closed (each with its line iterator): the client closes them however the
-    flow ends, so a flow never needs I/O to clean up after an exception."""
-
-    def __init__(self, flow: Flow[T]) -> None:
-        self._flow = flow
-        self._reply: Any = None
-        self._error: BaseException | None = None
-        self.result: T | None = None
-        self.streams: dict[httpx.Response, Any] = {}
-
-    def __iter__(self) -> Iterator[Step]:
-        while True:
-            try:
-                if self._error is not None:
-                    error, self._error = self._error, None
-                    step = self._flow.throw(error)
-                else:
-                    step = self._flow.send(self._reply)
-            except StopIteration as stop:
-                self.result = stop.value
-                return
-            self._reply = None
-            yield step
-
-    def reply(self, value: Any) -> None:
-        self._reply = value
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-
-
-def absorb(flow: Flow[T], on_event: Callable[[JobEvent], None]) -> Flow[T]:
-    """Run ``flow`` inside another flow: its I/O steps pass through, its events go to ``on_event``."""
-    runner = Runner(flow)
-    for step in runner:
-        if isinstance(step, Emit):
-            on_event(step.event)
-            continue
-        try:
-            runner.reply((yield step))
-        except httpx.HTTPError as exc:
-            runner.fail(exc)
-    return runner.result  # type: ignore[return-value]
 
 
 _STATUSES = frozenset(status.value for status in JobStatus)

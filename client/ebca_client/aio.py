@@ -13,21 +13,9 @@ from typing import Any, TypeVar, cast
 
 import httpx
 
-from ebca_client._base import (
-    STREAM_IDLE_TIMEOUT,
-    BaseClient,
-    BaseJob,
-    Close,
-    Emit,
-    Flow,
-    Open,
-    ReadLine,
-    Runner,
-    Send,
-    Sleep,
-    Step,
-    _deadline,
-)
+from ebca_client import _flow
+from ebca_client._base import STREAM_IDLE_TIMEOUT, BaseClient, BaseJob, _deadline
+from ebca_client._flow import Flow, Runner
 from ebca_client.models import JobEvent, JobInfo, ModelInfo
 
 T = TypeVar("T")
@@ -106,7 +94,7 @@ class AsyncClient(BaseClient[Coroutine[Any, Any, AsyncJob]]):
     async def _drive(self, runner: Runner[Any]) -> AsyncIterator[JobEvent]:
         try:
             for step in runner:
-                if isinstance(step, Emit):
+                if isinstance(step, _flow.Emit):
                     yield step.event
                     continue
                 try:
@@ -117,13 +105,13 @@ class AsyncClient(BaseClient[Coroutine[Any, Any, AsyncJob]]):
             for response in runner.streams:
                 await response.aclose()
 
-    async def _perform(self, step: Step, runner: Runner[Any]) -> Any:
+    async def _perform(self, step: _flow.Step, runner: Runner[Any]) -> Any:
         match step:
-            case Send(spec):
+            case _flow.Send(spec):
                 return await self._http.send(spec.build(self._http), follow_redirects=spec.method == "GET")
-            case Sleep(seconds):
+            case _flow.Sleep(seconds):
                 await asyncio.sleep(seconds)
-            case Open(spec, read_timeout):
+            case _flow.Open(spec, read_timeout):
                 request = spec.build(self._http, read_timeout)
                 response = await self._http.send(request, stream=True, follow_redirects=True)
                 if response.is_success:
@@ -134,9 +122,9 @@ class AsyncClient(BaseClient[Coroutine[Any, Any, AsyncJob]]):
                     finally:
                         await response.aclose()
                 return response
-            case ReadLine(response):
+            case _flow.ReadLine(response):
                 return await anext(runner.streams[response], None)
-            case Close(response):
+            case _flow.Close(response):
                 runner.streams.pop(response, None)
                 await response.aclose()
         return None

@@ -12,21 +12,9 @@ from typing import Any, TypeVar, cast
 
 import httpx
 
-from ebca_client._base import (
-    STREAM_IDLE_TIMEOUT,
-    BaseClient,
-    BaseJob,
-    Close,
-    Emit,
-    Flow,
-    Open,
-    ReadLine,
-    Runner,
-    Send,
-    Sleep,
-    Step,
-    _deadline,
-)
+from ebca_client import _flow
+from ebca_client._base import STREAM_IDLE_TIMEOUT, BaseClient, BaseJob, _deadline
+from ebca_client._flow import Flow, Runner
 from ebca_client.models import JobEvent, JobInfo, ModelInfo
 
 T = TypeVar("T")
@@ -112,7 +100,7 @@ class Client(BaseClient[Job]):
     def _drive(self, runner: Runner[Any]) -> Iterator[JobEvent]:
         try:
             for step in runner:
-                if isinstance(step, Emit):
+                if isinstance(step, _flow.Emit):
                     yield step.event
                     continue
                 try:
@@ -123,13 +111,13 @@ class Client(BaseClient[Job]):
             for response in runner.streams:
                 response.close()
 
-    def _perform(self, step: Step, runner: Runner[Any]) -> Any:
+    def _perform(self, step: _flow.Step, runner: Runner[Any]) -> Any:
         match step:
-            case Send(spec):
+            case _flow.Send(spec):
                 return self._http.send(spec.build(self._http), follow_redirects=spec.method == "GET")
-            case Sleep(seconds):
+            case _flow.Sleep(seconds):
                 time.sleep(seconds)
-            case Open(spec, read_timeout):
+            case _flow.Open(spec, read_timeout):
                 response = self._http.send(
                     spec.build(self._http, read_timeout), stream=True, follow_redirects=True
                 )
@@ -141,9 +129,9 @@ class Client(BaseClient[Job]):
                     finally:
                         response.close()
                 return response
-            case ReadLine(response):
+            case _flow.ReadLine(response):
                 return next(runner.streams[response], None)
-            case Close(response):
+            case _flow.Close(response):
                 runner.streams.pop(response, None)
                 response.close()
         return None

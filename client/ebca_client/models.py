@@ -212,47 +212,43 @@ class JobErrorInfo(_Response):
     message: str
 
 
-class JobEvent(_Response):
+class _JobState(_Response):
+    """What a job record and a live event both tell: the status and what goes with it."""
+
+    status: str
+    progress: Progress = Field(default_factory=Progress)
+    queue_position: int | None = None
+    result: JobResult | None = None
+    error: JobErrorInfo | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class JobEvent(_JobState):
     """One live event of a job (``GET /jobs/{id}/events``; docs/API.md): its status with the progress,
     queue position, result or error that came with it. ``id`` is the event's SSE id, the position a
     reconnecting stream resumes after."""
 
     id: str | None = None
     job_id: str
-    status: str
     at: datetime | None = None
-    queue_position: int | None = None
-    progress: Progress = Field(default_factory=Progress)
-    result: JobResult | None = None
-    error: JobErrorInfo | None = None
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
 
 
-class JobInfo(_Response):
+class JobInfo(_JobState):
     """One job record as returned by ``GET /jobs/{id}`` (and by the submit and cancel calls)."""
 
     id: str
     url: str | None = None
     kind: str | None = None
     mode: str | None = None
-    status: str
-    progress: Progress = Field(default_factory=Progress)
-    queue_position: int | None = None
     attempts: int = 0
     cancel_requested: bool = False
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     request: dict[str, Any] | None = None
-    result: JobResult | None = None
-    error: JobErrorInfo | None = None
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
 
     @property
     def images(self) -> list[ImageResult]:

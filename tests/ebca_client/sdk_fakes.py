@@ -170,3 +170,16 @@ class FakeAPI:
 
     def requests_to(self, method: str, path_prefix: str) -> list[httpx.Request]:
         return [r for r in self.seen if r.method == method and r.url.path.startswith(path_prefix)]
+
+
+def serve_cli_from(fake: FakeAPI, monkeypatch: Any, retry: Any) -> None:
+    """Point the ``ebca`` command's ``Client`` at ``fake`` (the URL and key it is given still count)."""
+    from ebca_client import Client, cli
+
+    monkeypatch.setattr(
+        cli,
+        "Client",
+        lambda url=None, api_key=None: Client(
+            url or "http://api.test", api_key=api_key, retry=retry, transport=fake.transport()
+        ),
+    )

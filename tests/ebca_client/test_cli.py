@@ -8,9 +8,9 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from sdk_fakes import FakeAPI, Fault
+from sdk_fakes import FakeAPI, Fault, serve_cli_from
 
-from ebca_client import Client, RetryPolicy, cli
+from ebca_client import RetryPolicy, cli
 from ebca_client.models import EditSpec, JobInfo, ScheduleSpec
 
 FAST = RetryPolicy(max_retries=2, backoff_initial=0.001, backoff_max=0.01)
@@ -19,13 +19,7 @@ FAST = RetryPolicy(max_retries=2, backoff_initial=0.001, backoff_max=0.01)
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
     fake = FakeAPI()
-    monkeypatch.setattr(
-        cli,
-        "Client",
-        lambda url=None, api_key=None: Client(
-            url or "http://api.test", api_key=api_key, retry=FAST, transport=fake.transport()
-        ),
-    )
+    serve_cli_from(fake, monkeypatch, FAST)
     return fake
 
 

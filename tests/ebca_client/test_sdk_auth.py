@@ -6,7 +6,7 @@ import io
 
 import httpx
 import pytest
-from sdk_fakes import FakeAPI
+from sdk_fakes import FakeAPI, serve_cli_from
 
 from ebca_client import (
     AsyncClient,
@@ -125,13 +125,7 @@ def test_the_key_does_not_follow_a_redirect_to_storage(tmp_path) -> None:  # typ
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
     fake = FakeAPI(required_key="cli-key")
-    monkeypatch.setattr(
-        cli,
-        "Client",
-        lambda url=None, api_key=None: Client(
-            url or "http://api.test", api_key=api_key, retry=FAST, transport=fake.transport()
-        ),
-    )
+    serve_cli_from(fake, monkeypatch, FAST)
     return fake
 
 
