@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or reuse) everything the project needs on this machine: the system packages, then the
-# project's virtualenv in .venv (torch first, then the project with its dev tools).
+# project's virtualenv in .venv (torch first, then the project with its dev tools, then the SDK,
+# client/ (the ebca-client distribution), editable over the copy pip made of it).
 #
 #   scripts/setup.sh [--runtime]
 #
@@ -12,7 +13,7 @@
 #
 # torch is installed on its own first because an unpinned torch from the index is a multi-GB CUDA
 # build; EBCA_TORCH_SPEC picks another build (on a GPU machine: "torch", whose PyPI build for Linux
-# x86_64 is CUDA). A second run is a no-op while pyproject.toml is unchanged.
+# x86_64 is CUDA). A second run is a no-op while pyproject.toml and client/pyproject.toml are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,17 +67,24 @@ fi
 # -- 2. the virtualenv ----------------------------------------------------------------------------------
 TORCH_SPEC="${EBCA_TORCH_SPEC:-torch==2.13.0}"
 stamp=".venv/.ebca-setup"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $TORCH_SPEC"
+want="$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: .venv is up to date"
   exit 0
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON_BIN" -m venv .venv
+# Left in the checkout by the setuptools builds of earlier versions: on sys.path (the tests run from the
+# checkout) it would stand in for the installed project's metadata.
+rm -rf ebca_serve.egg-info
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "setup: installing $TORCH_SPEC"
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 echo "setup: installing the project (editable) with its dev tools"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# The project depends on ebca-client by path (pyproject.toml), which pip installs as a copy; the
+# editable install makes edits under client/ take effect (pip cannot do both in one command).
+echo "setup: installing the SDK (client/, editable)"
+.venv/bin/python -m pip install --quiet --no-deps -e ./client
 echo "$want" > "$stamp"
 echo "setup: done (.venv)"

@@ -1,7 +1,8 @@
 """An in-process fake of the documented REST API for ``httpx.MockTransport`` unit tests.
 
 It implements just enough of docs/API.md (keyed submits, job reads, cancel, image download) for the
-client's retry, polling and download logic, plus fault injection: each entry of ``faults`` is
+client's retry, polling and download logic (it has no live events: a server older than them, so
+``wait`` polls it), plus fault injection: each entry of ``faults`` is
 consumed by one incoming request.
 """
 
@@ -45,6 +46,8 @@ class FakeAPI:
     seen: list[httpx.Request] = field(default_factory=list)
     image: bytes = field(default_factory=png_bytes)
     corrupt_digest: bool = False
+    # When set, every request must carry ``Authorization: Bearer <required_key>`` (else 401).
+    required_key: str | None = None
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -61,6 +64,11 @@ class FakeAPI:
         if fault and fault.kind == "status":
             body = {"error": {"code": "unavailable", "message": "try later"}}
             return httpx.Response(fault.status, json=body, headers=fault.headers)
+        if (
+            self.required_key is not None
+            and request.headers.get("authorization") != f"Bearer {self.required_key}"
+        ):
+            return self.error(401, "unauthorized", "missing or unknown API key")
         response = self.route(request)
         if fault and fault.kind == "drop_after":
             raise httpx.RemoteProtocolError("server disconnected without sending a response", request=request)
@@ -80,6 +88,8 @@ class FakeAPI:
                 return self.cancel(job)
             if len(parts) == 4 and parts[2] == "images":
                 return httpx.Response(200, content=self.image, headers={"content-type": "image/png"})
+            if len(parts) > 2:  # e.g. /jobs/{id}/events: this fake is a server without live events
+                return self.error(404, "not_found", "no route")
             timeline = self.timelines.get(job["id"])
             if timeline:
                 job.update(timeline.popleft() if len(timeline) > 1 else timeline[0])
@@ -160,3 +170,16 @@ class FakeAPI:
 
     def requests_to(self, method: str, path_prefix: str) -> list[httpx.Request]:
         return [r for r in self.seen if r.method == method and r.url.path.startswith(path_prefix)]
+
+
+def serve_cli_from(fake: FakeAPI, monkeypatch: Any, retry: Any) -> None:
+    """Point the ``ebca`` command's ``Client`` at ``fake`` (the URL and key it is given still count)."""
+    from ebca_client import Client, cli
+
+    monkeypatch.setattr(
+        cli,
+        "Client",
+        lambda url=None, api_key=None: Client(
+            url or "http://api.test", api_key=api_key, retry=retry, transport=fake.transport()
+        ),
+    )

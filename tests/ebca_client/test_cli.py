@@ -8,9 +8,9 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from sdk_fakes import FakeAPI, Fault
+from sdk_fakes import FakeAPI, Fault, serve_cli_from
 
-from ebca_client import Client, RetryPolicy, cli
+from ebca_client import RetryPolicy, cli
 from ebca_client.models import EditSpec, JobInfo, ScheduleSpec
 
 FAST = RetryPolicy(max_retries=2, backoff_initial=0.001, backoff_max=0.01)
@@ -19,11 +19,7 @@ FAST = RetryPolicy(max_retries=2, backoff_initial=0.001, backoff_max=0.01)
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
     fake = FakeAPI()
-    monkeypatch.setattr(
-        cli,
-        "Client",
-        lambda url=None: Client(url or "http://api.test", retry=FAST, transport=fake.transport()),
-    )
+    serve_cli_from(fake, monkeypatch, FAST)
     return fake
 
 
@@ -215,11 +211,13 @@ def test_retried_cli_submit_makes_one_job(api: FakeAPI) -> None:
 
 def test_serve_arguments_are_split_off_for_serve_sh() -> None:
     parser = cli.build_parser()
-    assert cli.split_serve(parser, ["serve", "--port", "8001", "--help"]) == ["--port", "8001", "--help"]
-    assert cli.split_serve(parser, ["--url", "http://x:1", "serve"]) == []
+    serve = cli.PASS_THROUGH["serve"]
+    split = cli.split_pass_through
+    assert split(parser, ["serve", "--port", "8001", "--help"]) == (serve, ["--port", "8001", "--help"])
+    assert split(parser, ["--url", "http://x:1", "serve"]) == (serve, [])
     # "serve" as a prompt is not the serve command.
-    assert cli.split_serve(parser, ["generate", "serve", "--steps", "2"]) is None
-    assert cli.split_serve(parser, ["models"]) is None
+    assert split(parser, ["generate", "serve", "--steps", "2"]) is None
+    assert split(parser, ["models"]) is None
 
 
 def test_ctrl_c_while_waiting_leaves_the_job_running_and_says_so(

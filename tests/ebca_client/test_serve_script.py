@@ -25,11 +25,12 @@ EBCA = str(Path(sys.executable).with_name("ebca"))
 def setup_is_current() -> bool:
     """True when scripts/setup.sh already ran for this pyproject.toml and torch spec (as in CI), so
     serve.sh may run its setup step for real and must find nothing to do. The stamp format is
-    scripts/setup.sh's: "<sha256 of pyproject.toml> <torch spec>"."""
+    scripts/setup.sh's: "<sha256 of pyproject.toml and client/pyproject.toml> <torch spec>"."""
     stamp = REPO_ROOT / ".venv" / ".ebca-setup"
     if not stamp.is_file():
         return False
-    digest = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    manifests = (REPO_ROOT / "pyproject.toml", REPO_ROOT / "client" / "pyproject.toml")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in manifests)).hexdigest()
     spec = os.environ.get("EBCA_TORCH_SPEC", "torch==2.13.0")
     return stamp.read_text().strip() == f"{digest} {spec}"
 

@@ -26,7 +26,7 @@ def png(image: Image.Image) -> bytes:
 def test_sdk_round_trip(stack: Stack) -> None:
     with Client(stack.api_url) as client:
         assert client.ready()
-        assert {m.id for m in client.models()} == {"model", "tiny-inpaint", "broken"}
+        assert {m.id for m in client.models()} == {"model", "tiny-inpaint", "broken", "shapes"}
         energy = EnergySpec(gamma_attn=0.01, token_weights={"circle": 2.0})
         job = client.generate("a red circle", steps=3, seed=2, num_images=2, energy=energy)
         info = job.wait(timeout=120).info

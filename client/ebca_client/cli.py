@@ -13,24 +13,27 @@ Exit codes (also in ``ebca --help``):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from ebca_client.client import Client, Job
 from ebca_client.errors import (
     APIError,
+    AuthenticationError,
     EBCAClientError,
     InvalidArgumentError,
     JobFailed,
     JobTimeout,
     TransportError,
 )
-from ebca_client.models import EditSpec, EnergySpec, ImageRef, InversionSpec, JobInfo, ScheduleSpec
+from ebca_client.models import EditSpec, EnergySpec, ImageRef, InversionSpec, JobEvent, JobInfo, ScheduleSpec
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -210,7 +213,7 @@ class App:
         self.args = args
         self.stdout = stdout
         self.stderr = stderr
-        self.client = Client(args.url)
+        self.client = Client(args.url, api_key=args.api_key)
 
     def close(self) -> None:
         self.client.close()
@@ -345,6 +348,17 @@ class App:
     def cmd_jobs_wait(self) -> int:
         return self.wait_and_save(self.client.get_job(self.args.job_id))
 
+    def cmd_jobs_events(self) -> int:
+        """One line per live event on stdout (JSON lines with --json) until the job is terminal."""
+        job = self.client.get_job(self.args.job_id)
+        for event in job.events(timeout=self.args.timeout):
+            if self.args.json:
+                self.stdout.write(event.model_dump_json() + "\n")
+            else:
+                self.stdout.write(f"{event.id or '-'}  {describe_event(event)}\n")
+            self.stdout.flush()
+        return EXIT_OK
+
     def cmd_models(self) -> int:
         models = self.client.models()
         if self.args.json:
@@ -356,6 +370,15 @@ class App:
                     f"{m.id}{'  (default)' if m.default else ''}{f'  [{shown}]' if shown else ''}\n"
                 )
         return EXIT_OK
+
+
+def describe_event(event: JobEvent) -> str:
+    line = ProgressDisplay.describe(JobInfo(id=event.job_id, status=event.status).with_event(event))
+    if event.error is not None:
+        line += f": {event.error.code}: {event.error.message}"
+    elif event.result is not None:
+        line += f": {len(event.result.images)} image(s)"
+    return line
 
 
 def format_job(info: JobInfo) -> str:
@@ -449,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--url", help="API base URL (default: $EBCA_API_URL or http://127.0.0.1:8000)")
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key (default: $EBCA_API_KEY; prefer the variable, other users can see a flag in ps)",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     parser.add_argument("--timeout", type=float, help="give up waiting for a job after this many seconds")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display or status lines")
@@ -513,45 +541,98 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("job_id")
     wait.add_argument("-o", "--output", default=".", metavar="DIR")
     wait.set_defaults(handler=App.cmd_jobs_wait)
+    events = jobs_sub.add_parser("events", help="print the job's live events until it ends")
+    events.add_argument("job_id")
+    events.set_defaults(handler=App.cmd_jobs_events)
 
     models = sub.add_parser("models", help="list the models the server offers")
     models.set_defaults(handler=App.cmd_models)
 
-    # Everything after `serve` goes to scripts/serve.sh unparsed (main() splits it off first), so its
-    # own options (--port, --help, ...) are not argparse's business.
-    sub.add_parser(
-        "serve",
-        help="run the local stack (Redis, API, one worker) in the foreground; same as scripts/serve.sh "
-        "(options: ebca serve --help)",
-        add_help=False,
-    )
+    for command in PASS_THROUGH.values():
+        # Everything after the command's name goes to its implementation unparsed (main() splits it
+        # off first), so its own options (--port, --help, ...) are not argparse's business.
+        sub.add_parser(command.name, help=command.help, add_help=False)
     return parser
 
 
-def split_serve(parser: argparse.ArgumentParser, argv: list[str]) -> list[str] | None:
-    """The arguments for serve.sh when ``argv`` is ``[global options] serve [serve.sh options]``."""
-    if "serve" not in argv:
-        return None
-    i = argv.index("serve")
-    try:
-        head, _ = parser.parse_known_args(argv[: i + 1])
-    except SystemExit:
-        return None
-    return argv[i + 1 :] if head.command == "serve" else None
+@dataclass(frozen=True)
+class PassThrough:
+    """A subcommand whose arguments go unparsed to an implementation outside this package: a script
+    of the source checkout, or a module of the server distribution (ebca-serve) that the torch-free
+    client may not have. ``run(args, stderr)`` returns the exit code."""
+
+    name: str
+    help: str
+    run: Callable[[list[str], TextIO], int]
+
+
+def server_command(name: str, help: str, module: str) -> PassThrough:
+    """A subcommand implemented by ``module.main(argv) -> int`` of the server distribution; where
+    only ebca-client is installed it says what to install instead."""
+
+    def run(args: list[str], stderr: TextIO) -> int:
+        try:
+            implementation = importlib.import_module(module)
+        except ImportError:
+            stderr.write(
+                f"ebca: `ebca {name}` needs the EBCA Serve server package ({module}); install the project "
+                "from its checkout (scripts/setup.sh, or pip install -e .), not just ebca-client\n"
+            )
+            return EXIT_USAGE
+        return int(implementation.main(args))
+
+    return PassThrough(name, help, run)
+
+
+def split_pass_through(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[PassThrough, list[str]] | None:
+    """``(command, its arguments)`` when ``argv`` is ``[global options] NAME [arguments]`` for a
+    pass-through command NAME."""
+    for i, word in enumerate(argv):
+        command = PASS_THROUGH.get(word)
+        if command is None:
+            continue
+        try:
+            head, _ = parser.parse_known_args(argv[: i + 1])
+        except SystemExit:
+            return None
+        # "serve" as a prompt (ebca generate serve) is not the serve command.
+        return (command, argv[i + 1 :]) if head.command == word else None
+    return None
 
 
 def serve_script() -> Path:
-    return Path(__file__).resolve().parent.parent / "scripts" / "serve.sh"
+    # client/ebca_client/cli.py in a source checkout (an editable install): scripts/ is two levels up.
+    return Path(__file__).resolve().parents[2] / "scripts" / "serve.sh"
 
 
 def run_serve(args: Sequence[str], stderr: TextIO) -> int:
     script = serve_script()
     if not script.is_file():
-        stderr.write(f"ebca: serve needs a source checkout of ebca-serve ({script} not found)\n")
+        stderr.write(
+            "ebca: serve runs scripts/serve.sh of a source checkout of EBCA Serve (ebca-client installed "
+            f"on its own has none: {script} not found); run it from the checkout\n"
+        )
         return EXIT_USAGE
     # exec, not a child process: Ctrl-C and SIGTERM reach serve.sh directly, which stops the stack.
     os.execvp("bash", ["bash", str(script), *args])
     return EXIT_OK  # pragma: no cover - execvp does not return
+
+
+# The pass-through subcommands by name. A command of the server package joins with
+# ``server_command(name, help, "<module with main(argv)>")``.
+PASS_THROUGH: dict[str, PassThrough] = {
+    command.name: command
+    for command in (
+        PassThrough(
+            "serve",
+            "run the local stack (Redis, API, one worker) in the foreground; same as scripts/serve.sh "
+            "(options: ebca serve --help)",
+            run_serve,
+        ),
+    )
+}
 
 
 def main(
@@ -561,9 +642,10 @@ def main(
     stderr = stderr or sys.stderr
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    serve_args = split_serve(parser, argv)
-    if serve_args is not None:
-        return run_serve(serve_args, stderr)
+    pass_through = split_pass_through(parser, argv)
+    if pass_through is not None:
+        command, command_args = pass_through
+        return command.run(command_args, stderr)
     args = parser.parse_args(argv)
     try:
         app = App(args, stdout, stderr)
@@ -586,6 +668,13 @@ def main(
             app.emit_json({"job": exc.job.model_dump(mode="json"), "files": []})
         stderr.write(f"ebca: {exc}\n")
         return EXIT_JOB_FAILED
+    except AuthenticationError as exc:
+        hint = "the API key was not accepted" if exc.key_sent else "the API requires an API key"
+        stderr.write(
+            f"ebca: API error 401 {exc.code}: {_one_line(exc.message)}: {hint} "
+            "(set EBCA_API_KEY or pass --api-key)\n"
+        )
+        return EXIT_REJECTED
     except APIError as exc:
         where = f" [field {exc.field}]" if exc.field else ""
         stderr.write(f"ebca: API error {exc.status} {exc.code}: {_one_line(exc.message)}{where}\n")

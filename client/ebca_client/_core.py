@@ -1,5 +1,6 @@
-"""I/O-free pieces shared by the sync and async clients: request building, retry decisions, error
-parsing and image encoding. ``client.py`` and ``aio.py`` only add the sending and the sleeping."""
+"""I/O-free pieces of the client: request building, retry decisions, error parsing, image encoding.
+
+The logic that interleaves them with I/O (retries, waiting, the event stream) is in ``_base.py``."""
 
 from __future__ import annotations
 
@@ -9,18 +10,21 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from ebca_client.errors import (
     APIError,
+    AuthenticationError,
     EBCAClientError,
     IntegrityError,
     InvalidArgumentError,
@@ -28,7 +32,16 @@ from ebca_client.errors import (
     JobFailed,
     JobNotFinished,
 )
-from ebca_client.models import EditSpec, EnergySpec, ImageRef, ImageResult, InversionSpec, JobInfo, JobStatus
+from ebca_client.models import (
+    EditSpec,
+    EnergySpec,
+    ImageRef,
+    ImageResult,
+    InversionSpec,
+    JobInfo,
+    JobStatus,
+    _Request,
+)
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "PUT"})
 # The server explicitly did not process the request: safe to repeat for any method.
@@ -38,7 +51,9 @@ RETRY_IF_SAFE_STATUSES = frozenset({502, 504})
 
 EnergyArg = EnergySpec | Mapping[str, Any] | None
 EditArg = EditSpec | Mapping[str, Any] | str
+InversionArg = InversionSpec | Mapping[str, Any] | None
 ImageArg = str | os.PathLike[str] | bytes | bytearray | memoryview | ImageRef | Any
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -79,13 +94,23 @@ class RequestSpec:
     def retryable_on_transport_error(self) -> bool:
         return self.method in IDEMPOTENT_METHODS or self.keyed
 
-    def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+    def build(
+        self, client: httpx.Client | httpx.AsyncClient, read_timeout: float | None = None
+    ) -> httpx.Request:
+        """The request to send; ``read_timeout`` replaces the client's for this request alone (the
+        longest wait for the next bytes of a response, which for an event stream is the silence
+        allowed between events)."""
         kwargs: dict[str, Any] = {"headers": dict(self.headers), "params": self.params}
         if self.files is not None:
             kwargs["files"] = self.files
             kwargs["data"] = self.form or {}
         elif self.json_body is not None:
             kwargs["json"] = self.json_body
+        if read_timeout is not None:
+            base = client.timeout
+            kwargs["timeout"] = httpx.Timeout(
+                connect=base.connect, read=read_timeout, write=base.write, pool=base.pool
+            )
         return client.build_request(self.method, self.path, **kwargs)
 
 
@@ -114,31 +139,41 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def api_error_from_response(response: httpx.Response) -> APIError:
-    """Turn an error response into ``APIError``, reading the documented ``{"error": {...}}`` body and
-    falling back gracefully for anything else (a proxy's HTML page, FastAPI's ``{"detail"}``)."""
+    """Turn an error response into ``APIError`` (``AuthenticationError`` for a 401), reading the
+    documented ``{"error": {...}}`` body and falling back gracefully for anything else (a proxy's
+    HTML page, FastAPI's ``{"detail"}``)."""
     status = response.status_code
+    code, message, field_name, body = _error_parts(response)
     retry_after = parse_retry_after(response.headers.get("retry-after"))
+    if status == 401:
+        key_sent = "authorization" in response.request.headers
+        return AuthenticationError(
+            status, code, message, field_name, body, retry_after=retry_after, key_sent=key_sent
+        )
+    return APIError(status, code, message, field_name, body, retry_after=retry_after)
+
+
+def _error_parts(response: httpx.Response) -> tuple[str, str, str | None, Any]:
+    status = response.status_code
+    fallback_code = f"http_{status}"
     try:
         body: Any = response.json()
     except ValueError:
         text = response.text.strip()
-        message = text[:500] if text else (response.reason_phrase or "error")
-        return APIError(status, f"http_{status}", message, None, text, retry_after=retry_after)
+        return fallback_code, text[:500] if text else (response.reason_phrase or "error"), None, text
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
-        return APIError(
-            status,
-            str(err.get("code") or f"http_{status}"),
-            str(err.get("message") or response.reason_phrase or "error"),
-            err.get("field"),
-            body,
-            retry_after=retry_after,
-        )
+        message = str(err.get("message") or response.reason_phrase or "error")
+        return str(err.get("code") or fallback_code), message, err.get("field"), body
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
-        message = detail if isinstance(detail, str) else json.dumps(detail)
-        return APIError(status, f"http_{status}", message, None, body, retry_after=retry_after)
-    return APIError(status, f"http_{status}", json.dumps(body)[:500], None, body, retry_after=retry_after)
+        return fallback_code, detail if isinstance(detail, str) else json.dumps(detail), None, body
+    return fallback_code, json.dumps(body)[:500], None, body
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media_type == "text/event-stream"
 
 
 def new_idempotency_key() -> str:
@@ -149,47 +184,32 @@ def new_idempotency_key() -> str:
 # Request bodies
 
 
-def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
-    # Fields left None take the server's defaults (docs/API.md), so the client never has to copy them.
-    return {k: v for k, v in values.items() if v is not None}
+def request_model(request_type: type[_M], /, **fields: Any) -> _M:
+    """Build a submit body from the call's arguments; a wrong type is an ``InvalidArgumentError``
+    naming the field, raised before anything is sent."""
+    try:
+        return request_type(**fields)
+    except ValidationError as exc:
+        raise invalid_argument(exc) from None
 
 
-def energy_json(energy: EnergyArg, name: str = "energy") -> dict[str, Any] | None:
-    if energy is None:
-        return None
-    if isinstance(energy, EnergySpec):
-        return energy.to_json()
-    if isinstance(energy, Mapping):
-        return dict(energy)
-    raise InvalidArgumentError(name, f"expected EnergySpec or a mapping, got {type(energy).__name__}")
+def invalid_argument(exc: ValidationError) -> InvalidArgumentError:
+    """The first error of a request model as ``InvalidArgumentError``. pydantic puts the branch of a
+    union in an error's location (``energy.EnergySpec``): the field path keeps the field names and
+    list indices only, and a value that fits no branch is told what the field takes."""
+    errors = exc.errors()
+    loc = errors[0]["loc"]
+    path = ".".join(str(p) for p in loc if isinstance(p, int) or _FIELD_NAME.fullmatch(p)) or exc.title
+    if loc and isinstance(loc[-1], str) and not _FIELD_NAME.fullmatch(loc[-1]):
+        branches = [e["loc"][-1] for e in errors if e["loc"][:-1] == loc[:-1]]
+        kinds = " or ".join(_BRANCH_NAMES.get(str(b), str(b)) for b in branches)
+        return InvalidArgumentError(path, f"expected {kinds}, got {type(errors[0]['input']).__name__}")
+    return InvalidArgumentError(path, errors[0]["msg"])
 
 
-def edits_json(edits: Sequence[EditArg] | None, name: str = "edits") -> list[dict[str, Any]] | None:
-    if edits is None:
-        return None
-    if isinstance(edits, (str, Mapping, EditSpec)):
-        edits = [edits]
-    out: list[dict[str, Any]] = []
-    for i, edit in enumerate(edits):
-        if isinstance(edit, EditSpec):
-            out.append(edit.to_json())
-        elif isinstance(edit, str):
-            out.append({"prompt": edit})
-        elif isinstance(edit, Mapping):
-            out.append(dict(edit))
-        else:
-            raise InvalidArgumentError(
-                f"{name}.{i}", f"expected EditSpec, a mapping or a prompt string, got {type(edit).__name__}"
-            )
-    return out
-
-
-def inversion_json(inversion: InversionSpec | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if inversion is None:
-        return None
-    if isinstance(inversion, InversionSpec):
-        return inversion.to_json()
-    return dict(inversion)
+# Field names are lowercase; pydantic's union branch tags are type names.
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_BRANCH_NAMES = {"dict[str,any]": "a mapping"}
 
 
 def job_id_of(job: Any) -> str:
@@ -206,22 +226,25 @@ def job_id_of(job: Any) -> str:
     raise InvalidArgumentError("job_id", f"expected a job id or a job, got {type(job).__name__}")
 
 
+def image_input(name: str, value: ImageArg) -> tuple[ImageRef | None, ImageArg | None]:
+    """An image argument as (a reference for the body's ``<name>_ref``, or bytes to upload)."""
+    return (value, None) if isinstance(value, ImageRef) else (None, value)
+
+
 def submit_spec(
-    path: str, body: dict[str, Any], uploads: Mapping[str, ImageArg] | None, idempotency_key: str | None
+    path: str,
+    request: _Request,
+    uploads: Mapping[str, ImageArg | None],
+    extra: Mapping[str, Any] | None,
+    idempotency_key: str | None,
 ) -> RequestSpec:
     """A keyed POST: JSON when nothing is uploaded, else multipart with the JSON in the ``request``
-    part (docs/API.md, POST /edit). ``ImageRef`` uploads become ``<name>_ref`` fields of the body."""
+    part (docs/API.md, POST /edit). ``extra`` fields are added to the body as given (a field newer
+    than this client)."""
     key = idempotency_key or new_idempotency_key()
     headers = {"Idempotency-Key": key}
-    body = dict(body)
-    files: dict[str, tuple[str, bytes, str]] = {}
-    for name, value in (uploads or {}).items():
-        if value is None:
-            continue
-        if isinstance(value, ImageRef):
-            body[f"{name}_ref"] = value.to_json()
-        else:
-            files[name] = encode_image(value, name)
+    body = {**request.to_json(), **(extra or {})}
+    files = {name: encode_image(value, name) for name, value in uploads.items() if value is not None}
     if not files:
         return RequestSpec("POST", path, json_body=body, headers=headers, keyed=True)
     # A boundary derived from the key keeps every retry byte-identical to the first attempt.
@@ -291,8 +314,12 @@ def encode_image(value: ImageArg, name: str) -> tuple[str, bytes, str]:
 def decode_image(data: bytes) -> Any:
     try:
         from PIL import Image
-    except ImportError as exc:  # pragma: no cover - pillow is a dependency of the project
-        raise EBCAClientError("decoding images needs pillow: pip install pillow") from exc
+    except ImportError as exc:
+        raise EBCAClientError(
+            "decoding images needs pillow: install ebca-client with its images extra "
+            "(pip install 'ebca-client[images]' / './client[images]'), or pillow itself; "
+            "save() and image_bytes() work without it"
+        ) from exc
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
@@ -309,82 +336,6 @@ def image_filename(job_id: str, index: int, extension: str) -> str:
 
 def next_poll_interval(current: float, maximum: float, factor: float = 1.5) -> float:
     return min(maximum, current * factor)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Submit bodies. Each builder receives the submit method's arguments (``locals()``) and picks the
-# documented fields by name, so the sync and async clients cannot drift apart.
-
-_GENERATE_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "model",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "num_images",
-    "seed",
-    "output_format",
-)
-_INPAINT_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "model",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "num_images",
-    "seed",
-    "output_format",
-)
-_REAL_FIELDS = ("source_prompt", "model", "steps", "guidance_scale", "num_images", "seed", "output_format")
-
-
-def _with_extra(body: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    extra = params.get("extra")
-    if extra:
-        body.update(extra)
-    return body
-
-
-def generate_body(params: Mapping[str, Any]) -> dict[str, Any]:
-    body = _drop_none({k: params.get(k) for k in _GENERATE_FIELDS})
-    body.update(
-        _drop_none({"energy": energy_json(params.get("energy")), "edits": edits_json(params.get("edits"))})
-    )
-    return _with_extra(body, params)
-
-
-def inpaint_body(params: Mapping[str, Any]) -> dict[str, Any]:
-    body = {"mode": "inpaint", **_drop_none({k: params.get(k) for k in _INPAINT_FIELDS})}
-    body.update(_drop_none({"energy": energy_json(params.get("energy"))}))
-    return _with_extra(body, params)
-
-
-def real_body(params: Mapping[str, Any]) -> dict[str, Any]:
-    body = {"mode": "real", **_drop_none({k: params.get(k) for k in _REAL_FIELDS})}
-    body["edits"] = edits_json(params.get("edits")) or []
-    body.update(
-        _drop_none(
-            {
-                "energy": energy_json(params.get("energy")),
-                "inversion": inversion_json(params.get("inversion")),
-            }
-        )
-    )
-    return _with_extra(body, params)
-
-
-def synthetic_body(params: Mapping[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "mode": "synthetic",
-        "source_job_id": job_id_of(params.get("source_job")),
-        "edits": edits_json(params.get("edits")) or [],
-    }
-    body.update(_drop_none({"output_format": params.get("output_format")}))
-    return _with_extra(body, params)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,6 +56,36 @@ class APIError(EBCAClientError):
         self.retry_after = retry_after
 
 
+class AuthenticationError(APIError):
+    """HTTP 401: the API wants an API key and got none, or does not accept the one it got.
+
+    Pass ``api_key=`` to the client, set ``EBCA_API_KEY``, or give the command line ``--api-key``.
+    ``key_sent`` says whether this client sent one.
+    """
+
+    def __init__(self, *args: Any, key_sent: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_sent = key_sent
+
+    def __str__(self) -> str:
+        reason = "the API key was not accepted" if self.key_sent else "the API requires an API key"
+        return f"{super().__str__()}: {reason} (pass api_key=, or set EBCA_API_KEY)"
+
+
+class EventStreamError(EBCAClientError):
+    """The job's live event stream (``GET /jobs/{id}/events``) could not be used: it broke the SSE
+    format or sent an event the client cannot read. ``Job.wait`` then polls instead."""
+
+
+class EventsUnavailable(EventStreamError):
+    """The server does not offer live events: a 404 or 405 (a server older than the endpoint), or an
+    answer that is not ``text/event-stream`` (a proxy in between). ``status`` is what it answered."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class IntegrityError(EBCAClientError):
     """Downloaded image bytes do not match the sha256 that the job record announced."""
 
