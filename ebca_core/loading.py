@@ -1,73 +1,28 @@
-"""Loading Stable Diffusion checkpoints (diffusers layout) and building schedulers by name."""
+"""Loading Stable Diffusion checkpoints (diffusers layout) into an :class:`EBCAPipeline`.
+
+The scheduler names live in :mod:`ebca_core.schedulers`; they are re-exported here for callers that
+imported them from this module.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import DiffusionPipeline
 
 from ebca_core.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
+from ebca_core.pipeline import EBCAPipeline
+from ebca_core.schedulers import SCHEDULERS, check_scheduler_name, make_scheduler, scheduler_name
 
-if TYPE_CHECKING:
-    from ebca_core.pipeline import EBCAPipeline
-
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_ancestral": EulerAncestralDiscreteScheduler,
-    "dpm_solver": DPMSolverMultistepScheduler,
-    "lms": LMSDiscreteScheduler,
-}
+__all__ = ["SCHEDULERS", "load_pipeline", "make_scheduler", "scheduler_name"]
 
 _REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def make_scheduler(name: str, config: Any) -> SchedulerMixin:
-    """A fresh scheduler of kind ``name`` built from a model's scheduler ``config``.
-
-    A fresh object per generation keeps multistep schedulers (PNDM, DPM-Solver, LMS) from carrying
-    their history from one call into the next.
-    """
-    if not isinstance(name, str) or name not in SCHEDULERS:
-        raise InvalidInputError(
-            f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}", field="scheduler"
-        )
-    cls = SCHEDULERS[name]
-    overrides: dict[str, Any] = {}
-    params = inspect.signature(cls.__init__).parameters
-    # diffusers' Stable Diffusion pipelines fix two outdated scheduler settings on load (their
-    # deprecation fix-ups), and gamma = 0 must match them exactly: latent diffusion must not clip x0
-    # to [-1, 1], and the timesteps start one step after 0.
-    if "clip_sample" in params:
-        overrides["clip_sample"] = False
-    if "steps_offset" in params and config.get("steps_offset", 1) != 1:
-        overrides["steps_offset"] = 1
-    return cls.from_config(config, **overrides)
-
-
-def scheduler_name(scheduler: SchedulerMixin) -> str:
-    """The name under which :data:`SCHEDULERS` knows ``scheduler``'s class ("pndm" as a fallback)."""
-    for name, cls in SCHEDULERS.items():
-        if type(scheduler) is cls:
-            return name
-    return "pndm"
 
 
 def _looks_like_path(model: str) -> bool:
@@ -152,36 +107,12 @@ def load_pipeline(
     are detected from the U-Net config. ``scheduler`` names one of :data:`SCHEDULERS` (default: the
     checkpoint's own scheduler).
     """
-    from ebca_core.pipeline import EBCAPipeline
-
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise InvalidInputError(
-            f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}", field="scheduler"
-        )
+    if scheduler is not None:
+        check_scheduler_name(scheduler)
     if not isinstance(model, str | Path) or not str(model).strip():
         raise InvalidInputError("must be a model directory or a hub id", field="model")
     model_str = str(model)
-    path = Path(model_str).expanduser()
-    if path.exists():
-        source = str(path)
-        index = _read_local_index(path, model_str)
-        local_only = True
-    elif _looks_like_path(model_str):
-        raise ModelNotFoundError(
-            f"model directory {model_str!r} does not exist; pass an existing diffusers-format directory "
-            "or a hub id"
-        )
-    else:
-        source, local_only = model_str, local_files_only
-        try:
-            index = DiffusionPipeline.load_config(model_str, local_files_only=local_files_only)
-        except Exception as exc:  # offline, unknown repo, gated repo, interrupted download...
-            raise ModelNotFoundError(
-                f"model {model_str!r} is neither a local directory nor loadable from the Hugging Face hub "
-                f"({type(exc).__name__}: {exc}). On a machine without network, download it first (e.g. "
-                f"`huggingface-cli download {model_str}`) into the hub cache or save it with "
-                "`save_pretrained` and pass the directory"
-            ) from exc
+    source, index, local_only = _locate(model_str, local_files_only)
     missing = [name for name in _REQUIRED_COMPONENTS if not _listed(index, name)]
     if missing:
         raise ModelLoadError(
@@ -213,3 +144,29 @@ def load_pipeline(
     if scheduler is not None:
         pipe.set_scheduler(scheduler)
     return pipe
+
+
+def _locate(model_str: str, local_files_only: bool) -> tuple[str, dict[str, Any], bool]:
+    """Where the checkpoint's files come from: ``(source, model_index.json, local files only)``."""
+    path = Path(model_str).expanduser()
+    if path.exists():
+        source = str(path)
+        index = _read_local_index(path, model_str)
+        local_only = True
+    elif _looks_like_path(model_str):
+        raise ModelNotFoundError(
+            f"model directory {model_str!r} does not exist; pass an existing diffusers-format directory "
+            "or a hub id"
+        )
+    else:
+        source, local_only = model_str, local_files_only
+        try:
+            index = DiffusionPipeline.load_config(model_str, local_files_only=local_files_only)
+        except Exception as exc:  # offline, unknown repo, gated repo, interrupted download...
+            raise ModelNotFoundError(
+                f"model {model_str!r} is neither a local directory nor loadable from the Hugging Face hub "
+                f"({type(exc).__name__}: {exc}). On a machine without network, download it first (e.g. "
+                f"`huggingface-cli download {model_str}`) into the hub cache or save it with "
+                "`save_pretrained` and pass the directory"
+            ) from exc
+    return source, index, local_only
