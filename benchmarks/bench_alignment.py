@@ -5,7 +5,7 @@
 A fixed set of two-object prompts ("a red circle and a blue square") is generated with the same
 seeds under every setting: vanilla (no Bayesian Context Update) and EBCA with a few
 (gamma_attn, gamma_norm) pairs, with and without a token weight on the second object's noun
-(EBCA_SPEC.md "Tasks": multi-concept generation, reverse_step tau = 1, i.e. always on). The
+(docs/EBCA.md, "Tasks": multi-concept generation, reverse_step tau = 1, i.e. always on). The
 deterministic detector of :mod:`ebca_shapes.detector` scores every image:
 
 - success: every prompted object appears with its colour and shape (extra objects allowed);

@@ -24,7 +24,7 @@ def _check_number(value: object, name: str, *, minimum: float | None = 0.0) -> N
 
 @dataclass(frozen=True)
 class EnergyConfig:
-    """Bayesian Context Update on the main prompt (EBCA_SPEC.md, "Bayesian Context Update").
+    """Bayesian Context Update on the main prompt (docs/EBCA.md, "Bayesian Context Update").
 
     ``gamma_attn`` and ``gamma_norm`` are numbers (constant over the run), :class:`Schedule` objects,
     or explicit per-U-Net-call lists. ``token_weights`` maps token indices of the tokenized prompt
@@ -68,7 +68,7 @@ class EnergyConfig:
 
 @dataclass(frozen=True)
 class EditorialPrompt:
-    """One CACAO editorial prompt (EBCA_SPEC.md, "CACAO").
+    """One CACAO editorial prompt (docs/EBCA.md, "CACAO").
 
     Numbers for ``alpha`` and the gammas become step schedules that switch on at ``alpha_tau`` (the
     gammas at ``gamma_tau``, which defaults to ``alpha_tau``), as in the paper's editing recipes. A
@@ -135,7 +135,7 @@ def check_cacao_normaliser(
 ) -> None:
     """Reject alpha combinations whose normaliser ``1 + sum(sign * alpha)`` is not positive.
 
-    EBCA_SPEC.md, CACAO: the combined output is divided by this normaliser at every step, so it must
+    docs/EBCA.md, "CACAO": the combined output is divided by this normaliser at every step, so it must
     be > 0 at every U-Net call (the original implementation does not check).
     """
     if not edits:
@@ -151,9 +151,27 @@ def check_cacao_normaliser(
             )
 
 
+def check_energy_and_edits(
+    energy: EnergyConfig | None,
+    edits: Sequence[EditorialPrompt],
+    num_inference_steps: int,
+    num_calls: int,
+) -> None:
+    """Every check of a run's BCU and CACAO arguments, for a run of ``num_calls`` U-Net calls.
+
+    The one place these rules run: :meth:`EBCAPipeline.check_inputs` calls it before any compute, and
+    an :class:`~ebca_core.processor.EBCAState` built by hand (a stock diffusers pipeline) calls it too.
+    """
+    if energy is not None:
+        energy.validate(num_inference_steps, num_calls)
+    for index, edit in enumerate(edits):
+        edit.validate(index, num_inference_steps, num_calls)
+    check_cacao_normaliser(edits, num_inference_steps, num_calls)
+
+
 @dataclass(frozen=True)
 class InversionConfig:
-    """DDIM inversion for real-image editing (EBCA_SPEC.md, "Real-image editing").
+    """DDIM inversion for real-image editing (docs/EBCA.md, "Tasks", real-image editing).
 
     ``regularize`` turns on the pix2pix-zero noise regularisation during inversion: an
     auto-correlation term (weight ``lambda_ac``, ``num_ac_rolls`` random rolls) and a KL term (weight

@@ -1,6 +1,6 @@
 """The energies of one cross-attention layer and the closed-form Bayesian Context Update.
 
-Shapes follow EBCA_SPEC.md, "Notation": ``query`` is ``[B, P, H*d_h]`` (image tokens), ``key`` is
+Shapes follow docs/EBCA.md, "Notation": ``query`` is ``[B, P, H*d_h]`` (image tokens), ``key`` is
 ``[B, N, H*d_h]`` (context tokens), both with heads concatenated; ``scale = d_h ** -0.5``.
 
 The functions here are pure: the attention processor calls :func:`bcu_update` with the logits it
@@ -36,7 +36,7 @@ def attention_logits(query: torch.Tensor, key: torch.Tensor, heads: int, scale: 
 
 
 def attention_energy(query: torch.Tensor, key: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """E(Q; K) per batch row, summed over heads (EBCA_SPEC.md, "Energies").
+    """E(Q; K) per batch row, summed over heads (docs/EBCA.md, "Energies").
 
     ``E = - sum_i (1/scale) logsumexp_j (scale q_j . k_i)``: each context token i looks at all pixels j.
     """
@@ -51,8 +51,9 @@ def attention_energy_from_logits(logits: torch.Tensor, scale: float) -> torch.Te
 def norm_energy(key: torch.Tensor) -> torch.Tensor:
     """The key prior per batch row: ``1/2 logsumexp_i ||k_i||^2`` over heads concatenated.
 
-    EBCA_SPEC.md writes the prior without the 1/2; with it, the implementation's update
-    ``u_i k_i`` with ``u = softmax(||k||^2)`` is exactly the gradient, which is what the tests check.
+    The paper writes the prior without the 1/2; with it, the update ``u_i k_i`` with
+    ``u = softmax(||k||^2)`` is exactly the gradient, which is what the tests check (docs/EBCA.md,
+    "Energies").
     """
     return 0.5 * torch.logsumexp(_upcast(key).pow(2).sum(dim=-1), dim=-1)
 
@@ -70,7 +71,7 @@ def bcu_update(
     token_weights: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The context update ``dC`` of one layer (EBCA_SPEC.md, BCU steps 1-5). Returns ``[B, N, d_c]``.
+    """The context update ``dC`` of one layer, ``[B, N, d_c]`` (docs/EBCA.md, "Bayesian Context Update").
 
     - ``logits``: ``[B, H, P, N]`` from :func:`attention_logits`; computed here when omitted.
     - ``token_weights``: ``[B, N]`` multipliers of the attention term per row and token (step 3; the

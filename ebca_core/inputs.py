@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ebca_core.config import EditorialPrompt, EnergyConfig, InversionConfig, check_cacao_normaliser
+from ebca_core.config import EditorialPrompt, EnergyConfig, InversionConfig, check_energy_and_edits
 from ebca_core.errors import InvalidInputError
 from ebca_core.images import check_size_multiple, load_image, load_mask
 from ebca_core.schedulers import check_scheduler_name, make_scheduler, scheduler_name
@@ -154,28 +154,11 @@ class CheckInputsMixin:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if task != "inpaint":
             self._require_text_to_image(task)
-        steps = _check_int(num_inference_steps, "num_inference_steps", 1, self._max_steps())
-        guidance = _check_float(guidance_scale, "guidance_scale", 0.0)
-        images = _check_int(num_images, "num_images", 1)
-        if seed is not None:
-            _check_int(seed, "seed", 0, _MAX_SEED - images + 1)
-        _check_callbacks(output_type, callback, on_stage)
-        inputs = CallInputs(
-            task=task,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            num_images=images,
-            seed=seed,  # type: ignore[arg-type]
-            output_type=output_type,  # type: ignore[arg-type]
-            callback=callback,  # type: ignore[arg-type]
-            on_stage=on_stage,  # type: ignore[arg-type]
-            scheduler=self.scheduler,
-            timesteps=torch.empty(0),
-            energy=None,
-            edits=[],
-            token_weights={},
-            record_energy=bool(record_energy) and task == "generate",
+        inputs = self._check_common(
+            task, num_inference_steps, guidance_scale, num_images, seed, output_type, callback, on_stage
         )
+        inputs.record_energy = bool(record_energy) and task == "generate"
+        steps, images = inputs.num_inference_steps, inputs.num_images
         if task == "generate":
             self._check_generate_text(inputs, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
             inputs.latent_shape = self._latent_shape(latents, height, width, images)
@@ -201,6 +184,47 @@ class CheckInputsMixin:
         return inputs
 
     # --- the parts of check_inputs ------------------------------------------------------------------
+    def _check_common(
+        self,
+        task: Task,
+        num_inference_steps: object,
+        guidance_scale: object,
+        num_images: object,
+        seed: object,
+        output_type: object,
+        callback: object,
+        on_stage: object,
+    ) -> CallInputs:
+        """The arguments every task takes, as a :class:`CallInputs` the task checks then complete."""
+        steps = _check_int(num_inference_steps, "num_inference_steps", 1, self._max_steps())
+        guidance = _check_float(guidance_scale, "guidance_scale", 0.0)
+        images = _check_int(num_images, "num_images", 1)
+        if seed is not None:
+            _check_int(seed, "seed", 0, _MAX_SEED - images + 1)
+        if output_type not in ("pil", "np", "latent"):
+            raise InvalidInputError(
+                f"must be 'pil', 'np' or 'latent', got {output_type!r}", field="output_type"
+            )
+        if callback is not None and not callable(callback):
+            raise InvalidInputError("must be callable(step, total, latents) or None", field="callback")
+        if on_stage is not None and not callable(on_stage):
+            raise InvalidInputError("must be callable(stage) or None", field="on_stage")
+        return CallInputs(
+            task=task,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images=images,
+            seed=seed,  # type: ignore[arg-type]
+            output_type=output_type,  # type: ignore[arg-type]
+            callback=callback,  # type: ignore[arg-type]
+            on_stage=on_stage,  # type: ignore[arg-type]
+            scheduler=self.scheduler,
+            timesteps=torch.empty(0),
+            energy=None,
+            edits=[],
+            token_weights={},
+        )
+
     def _max_steps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
@@ -342,34 +366,21 @@ class CheckInputsMixin:
     def _check_energy_and_edits(
         self, energy: object, edits: object, num_inference_steps: int, num_calls: int
     ) -> tuple[EnergyConfig | None, list[EditorialPrompt]]:
-        if energy is not None:
-            if not isinstance(energy, EnergyConfig):
+        if energy is not None and not isinstance(energy, EnergyConfig):
+            raise InvalidInputError(f"must be an EnergyConfig or None, got {type(energy).__name__}", "energy")
+        edit_list: list[EditorialPrompt] = []
+        if edits is not None:
+            if isinstance(edits, EditorialPrompt | str) or not isinstance(edits, Sequence):
+                raise InvalidInputError("must be a list of EditorialPrompt", field="edits")
+            if len(edits) > self.max_edits:
                 raise InvalidInputError(
-                    f"must be an EnergyConfig or None, got {type(energy).__name__}", field="energy"
+                    f"at most {self.max_edits} editorial prompts are allowed, got {len(edits)}", field="edits"
                 )
-            energy.validate(num_inference_steps, num_calls)
-        if edits is None:
-            return energy, []
-        if isinstance(edits, EditorialPrompt) or not isinstance(edits, Sequence) or isinstance(edits, str):
-            raise InvalidInputError("must be a list of EditorialPrompt", field="edits")
-        if len(edits) > self.max_edits:
-            raise InvalidInputError(
-                f"at most {self.max_edits} editorial prompts are allowed, got {len(edits)}", field="edits"
-            )
-        for index, edit in enumerate(edits):
-            if not isinstance(edit, EditorialPrompt):
-                raise InvalidInputError(
-                    f"must be an EditorialPrompt, got {type(edit).__name__}", field=f"edits[{index}]"
-                )
-            edit.validate(index, num_inference_steps, num_calls)
-        check_cacao_normaliser(list(edits), num_inference_steps, num_calls)
-        return energy, list(edits)
-
-
-def _check_callbacks(output_type: object, callback: object, on_stage: object) -> None:
-    if output_type not in ("pil", "np", "latent"):
-        raise InvalidInputError(f"must be 'pil', 'np' or 'latent', got {output_type!r}", field="output_type")
-    if callback is not None and not callable(callback):
-        raise InvalidInputError("must be callable(step, total, latents) or None", field="callback")
-    if on_stage is not None and not callable(on_stage):
-        raise InvalidInputError("must be callable(stage) or None", field="on_stage")
+            for index, edit in enumerate(edits):
+                if not isinstance(edit, EditorialPrompt):
+                    raise InvalidInputError(
+                        f"must be an EditorialPrompt, got {type(edit).__name__}", field=f"edits[{index}]"
+                    )
+            edit_list = list(edits)
+        check_energy_and_edits(energy, edit_list, num_inference_steps, num_calls)
+        return energy, edit_list

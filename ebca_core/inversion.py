@@ -1,4 +1,4 @@
-"""DDIM inversion for real-image editing (EBCA_SPEC.md, "Tasks", real-image editing).
+"""DDIM inversion for real-image editing (docs/EBCA.md, "Tasks", real-image editing).
 
 The image latents are walked up the same DDIM timestep grid the editing run later walks down, with the
 source prompt and no classifier-free guidance (as pix2pix-zero and EBCA do). Optionally the predicted

@@ -406,6 +406,7 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
             edit_uncond_embeds=negative_embeds,
             region_mask=region_mask,
             record_energy=inputs.record_energy,
+            _checked=True,
         )
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> np.ndarray | None:

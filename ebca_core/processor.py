@@ -5,9 +5,9 @@ editorial prompts and their contexts, the inpainting mask, the running context o
 :func:`ebca_attention` installs one :class:`EBCACrossAttnProcessor` per cross-attention layer of a stock
 ``UNet2DConditionModel`` for the duration of a ``with`` block and restores the previous processors on
 exit, also when the block raises. Self-attention layers keep their processor (SDPA): EBCA does no work
-there (EBCA_SPEC.md, BCU step 9 and "Deliberate differences").
+there (docs/EBCA.md, "Cascade" and "Deliberate differences").
 
-The cascade (EBCA_SPEC.md, BCU steps 6-8) needs state that crosses layers: every cross-attention
+The cascade (docs/EBCA.md, "Cascade") needs state that crosses layers: every cross-attention
 processor reads the context left by the previous cross-attention layer from the shared state object and
 writes its updated context back. A forward pre-hook on the U-Net resets that running context to the
 prompt embeddings at every U-Net call, and counts U-Net calls: call ``i`` evaluates the schedules at
@@ -18,6 +18,7 @@ step ``i``. Because all of this rides on the processor interface and a hook, a s
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ebca_core.config import EditorialPrompt, EnergyConfig, check_cacao_normaliser
+from ebca_core.config import EditorialPrompt, EnergyConfig, check_energy_and_edits
 from ebca_core.energy import (
     _upcast,
     attention_energy_from_logits,
@@ -56,7 +57,7 @@ class EBCAState:
     Create one per generation (one call of a pipeline); nothing carries over between two states.
 
     Args:
-        num_inference_steps: ``T`` of the schedules (EBCA_SPEC.md, "Step-size schedules").
+        num_inference_steps: ``T`` of the schedules (docs/EBCA.md, "Step-size schedules").
         num_unet_calls: ``len(scheduler.timesteps)``; defaults to ``num_inference_steps``.
         energy: BCU on the main prompt; ``None`` means plain attention for the main prompt.
         token_weights: resolved token index -> multiplier (conditional half only). Overrides any
@@ -84,7 +85,10 @@ class EBCAState:
         edit_uncond_embeds: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         record_energy: bool = False,
+        _checked: bool = False,
     ) -> None:
+        # ``_checked``: the caller (EBCAPipeline.check_inputs) has run every check of these arguments,
+        # token indices against the tokenized prompt included, so they do not run a second time.
         if num_inference_steps < 1:
             raise InvalidInputError("must be >= 1", field="num_inference_steps")
         self.num_inference_steps = num_inference_steps
@@ -92,8 +96,9 @@ class EBCAState:
         self.do_cfg = do_cfg
         self.record_energy = record_energy
 
-        if energy is not None:
-            energy.validate(num_inference_steps, self.num_unet_calls)
+        if not _checked:
+            check_energy_and_edits(energy, edits, num_inference_steps, self.num_unet_calls)
+        self._indices_checked = _checked
         self.energy = energy
         self.gamma_attn = energy.attn_schedule() if energy is not None else Schedule.constant(0.0)
         self.gamma_norm = energy.norm_schedule() if energy is not None else Schedule.constant(0.0)
@@ -108,9 +113,6 @@ class EBCAState:
             token_weights = {int(k): float(v) for k, v in energy.token_weights.items()}
         self.token_weights = dict(token_weights or {})
 
-        for index, edit in enumerate(edits):
-            edit.validate(index, num_inference_steps, self.num_unet_calls)
-        check_cacao_normaliser(edits, num_inference_steps, self.num_unet_calls)
         self.edits = [_Editorial(e.sign, e.alpha_schedule(), *e.gamma_schedules()) for e in edits]
         if self.edits and (edit_embeds is None or edit_embeds.shape[0] != len(self.edits)):
             raise InvalidInputError("edit_embeds must hold one embedding per editorial prompt", "edits")
@@ -123,7 +125,7 @@ class EBCAState:
         self.layer_index = 0
         self.context: torch.Tensor | None = None  # main context of the cascade (accum_dtype)
         self.accum_dtype = torch.float32
-        # Editorial contexts (float32, EBCA_SPEC.md "Deliberate differences"): created at the first
+        # Editorial contexts (float32, docs/EBCA.md "Deliberate differences"): created at the first
         # U-Net call and never reset, so they accumulate across layers and denoising steps.
         self.edit_uncond_context: torch.Tensor | None = None  # [B, N, D]
         self.edit_contexts: list[torch.Tensor] = []  # S x [B, N, D]
@@ -132,7 +134,10 @@ class EBCAState:
 
     # --- called by the U-Net pre-hook -------------------------------------------------------------
     def begin_unet_call(self, encoder_hidden_states: torch.Tensor) -> None:
-        """Start a U-Net call: the main context restarts from the prompt embeddings (BCU step 8)."""
+        """Start a U-Net call: the main context restarts from the prompt embeddings.
+
+        docs/EBCA.md, "Cascade", rule 4.
+        """
         self.step_index += 1
         self.layer_index = 0
         if self.step_index >= self.num_unet_calls:
@@ -141,7 +146,7 @@ class EBCAState:
                 f"{self.num_unet_calls} calls; build one EBCAState per generation"
             )
         rows, num_tokens = encoder_hidden_states.shape[:2]
-        for index in self.token_weights:
+        for index in () if self._indices_checked else self.token_weights:
             if index >= num_tokens:
                 raise InvalidInputError(
                     f"token index {index} is past the prompt's {num_tokens} tokens",
@@ -205,8 +210,23 @@ class EBCAState:
         return cached.repeat(rows // images, 1)
 
 
+def _attend(
+    attn: Attention, attention_mask: torch.Tensor | None, ctx: torch.Tensor, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """to_out(attention(q, ctx)) of one layer, with the logits and keys kept for the update."""
+    heads = attn.heads
+    key = attn.to_k(ctx)
+    value = attn.to_v(ctx)
+    logits = attention_logits(q, key, heads, attn.scale)
+    if attention_mask is not None and attention_mask.shape[0] == logits.shape[0]:
+        logits = logits + attention_mask
+    probs = _upcast(logits).softmax(dim=-1).to(q.dtype)
+    out = merge_heads(torch.matmul(probs, split_heads(value, heads)))
+    return attn.to_out[1](attn.to_out[0](out)), logits, key
+
+
 class EBCACrossAttnProcessor:
-    """Cross-attention with the Bayesian Context Update and CACAO (EBCA_SPEC.md)."""
+    """Cross-attention with the Bayesian Context Update and CACAO (docs/EBCA.md)."""
 
     def __init__(self, state: EBCAState, name: str) -> None:
         self.state = state
@@ -258,19 +278,9 @@ class EBCACrossAttnProcessor:
         w_k = attn.to_k.weight
         query_mask = state.query_mask(rows, num_pixels, query.device)
 
-        def attend(ctx: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """to_out(attention(q, ctx)), with the logits and keys kept for the update."""
-            key = attn.to_k(ctx)
-            value = attn.to_v(ctx)
-            logits = attention_logits(q, key, heads, scale)
-            if attention_mask is not None and attention_mask.shape[0] == logits.shape[0]:
-                logits = logits + attention_mask
-            probs = _upcast(logits).softmax(dim=-1).to(q.dtype)
-            out = merge_heads(torch.matmul(probs, split_heads(value, heads)))
-            out = attn.to_out[1](attn.to_out[0](out))
-            return out, logits, key
+        attend = functools.partial(_attend, attn, attention_mask)
 
-        # Main prompt: the layer's output uses C_l (BCU step 6).
+        # Main prompt: the layer's output uses its input context (docs/EBCA.md, "Cascade", rule 2).
         out, logits, key = attend(context, query)
         if state.record_energy:
             self._record(state, layer, query, key, logits, scale)
@@ -308,7 +318,7 @@ class EBCACrossAttnProcessor:
         attend: Any,
         rows: int,
     ) -> torch.Tensor:
-        """Composition of the editorial outputs and their own BCU (EBCA_SPEC.md, "CACAO")."""
+        """Composition of the editorial outputs and their own BCU (docs/EBCA.md, "CACAO")."""
         dtype = query.dtype
         images = rows // 2 if state.do_cfg else rows
         combined = out_main
@@ -402,7 +412,7 @@ def ebca_attention(unet: Any, state: EBCAState) -> Iterator[EBCAState]:
         raise EBCAError("the U-Net has no cross-attention layers; EBCA needs a text-conditioned U-Net")
     for name, module in layers:
         if module.norm_cross is not None or getattr(module, "norm_k", None) is not None:
-            # The closed-form update goes through W_k alone (BCU step 5); a norm on the keys'
+            # The closed-form update goes through W_k alone (docs/EBCA.md, BCU step 5); a norm on the keys'
             # input would make it wrong.
             raise EBCAError(f"{name}: cross-attention with a context or key norm is not supported")
     previous = dict(unet.attn_processors)

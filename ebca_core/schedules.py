@@ -1,4 +1,4 @@
-"""Step-size schedules for BCU gammas and CACAO alphas (EBCA_SPEC.md, "Step-size schedules").
+"""Step-size schedules for BCU gammas and CACAO alphas (docs/EBCA.md, "Step-size schedules").
 
 A schedule is evaluated at ``i``, the index of the U-Net call inside ``scheduler.timesteps`` (0 = the
 noisiest step), with ``T = num_inference_steps``. Note that ``scheduler.timesteps`` may hold more than

@@ -11,7 +11,7 @@ import string
 from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -131,15 +131,8 @@ def build_tiny_model(
     """
     # Imported here so that ``write_word_tokenizer`` stays usable without torch/diffusers.
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        PNDMScheduler,
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
     if variant not in ("sd1", "sd2", "inpaint"):
         raise ValueError(f"variant must be 'sd1', 'sd2' or 'inpaint', got {variant!r}")
@@ -147,82 +140,107 @@ def build_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = write_word_tokenizer(path / "tokenizer", words)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-
     sd2 = variant == "sd2"
     with torch.random.fork_rng(devices=[]):
+        # One seed per component, in this order: the same seed writes the same bytes.
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=9 if variant == "inpaint" else 4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            # SD 1.x gives one head count for every block; SD 2.x a list (and linear projections).
-            attention_head_dim=(2, 4) if sd2 else 8,
-            use_linear_projection=sd2,
-            norm_num_groups=16,
-        )
+        unet = _tiny_unet(variant)
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=16,
-            sample_size=32,
-        )
-        # Calibrate the latent scaling like SD's 0.18215: scaled latents of natural-ish (smooth) images
-        # get unit standard deviation, which is what the noise schedule assumes.
-        coarse = torch.rand(8, 3, 8, 8) * 2 - 1
-        smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear")
-        with torch.no_grad():
-            latent_std = float(vae.encode(smooth).latent_dist.mean.std())
-        vae.register_to_config(scaling_factor=round(1.0 / latent_std, 5))
+        vae = _tiny_vae()
         torch.manual_seed(seed + 2)
-        vocab = tokenizer.get_vocab()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                hidden_act="gelu" if sd2 else "quick_gelu",
-                bos_token_id=vocab[START_TOKEN],
-                eos_token_id=vocab[END_TOKEN],
-                pad_token_id=vocab[END_TOKEN],
-                projection_dim=32,
-            )
-        )
-    # The SD 1.5 / 2.x training noise schedule.
-    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    if sd2:
-        scheduler = DDIMScheduler(
-            **schedule,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-            prediction_type="v_prediction",
-        )
-    else:
-        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+        text_encoder = _tiny_text_encoder(tokenizer, sd2)
     pipeline_class = StableDiffusionInpaintPipeline if variant == "inpaint" else StableDiffusionPipeline
     pipeline = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_tiny_scheduler(sd2),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def _tiny_unet(variant: TinyVariant) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    sd2 = variant == "sd2"
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=9 if variant == "inpaint" else 4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        # SD 1.x gives one head count for every block; SD 2.x a list (and linear projections).
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=16,
+    )
+
+
+def _tiny_vae() -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    # Calibrate the latent scaling like SD's 0.18215: scaled latents of natural-ish (smooth) images
+    # get unit standard deviation, which is what the noise schedule assumes.
+    coarse = torch.rand(8, 3, 8, 8) * 2 - 1
+    smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear")
+    with torch.no_grad():
+        latent_std = float(vae.encode(smooth).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=round(1.0 / latent_std, 5))
+    return vae
+
+
+def _tiny_text_encoder(tokenizer: Any, sd2: bool) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = tokenizer.get_vocab()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            bos_token_id=vocab[START_TOKEN],
+            eos_token_id=vocab[END_TOKEN],
+            pad_token_id=vocab[END_TOKEN],
+            projection_dim=32,
+        )
+    )
+
+
+def _tiny_scheduler(sd2: bool) -> Any:
+    """The SD 1.5 / 2.x training noise schedule: PNDM (SD 1.x) or DDIM with v-prediction (SD 2.x)."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    if sd2:
+        return DDIMScheduler(
+            **schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        )
+    return PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)

@@ -37,7 +37,7 @@ class _Request(BaseModel):
 
 
 class ScheduleSpec(_Request):
-    """Time schedule of the energy terms (EBCA_SPEC.md, schedules)."""
+    """Time schedule of the energy terms (docs/EBCA.md, "Step-size schedules")."""
 
     kind: Literal["constant", "step", "reverse_step", "linear", "exp"] = "reverse_step"
     tau: float | None = None

@@ -1,4 +1,4 @@
-"""Layer-level tests of the EBCA processor against EBCA_SPEC.md, on single Attention modules."""
+"""Layer-level tests of the EBCA processor against docs/EBCA.md, on single Attention modules."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def make_attn(dtype: torch.dtype = torch.float64, seed: int = 0) -> Attention:
 def grad_of_energies(
     attn: Attention, hidden: torch.Tensor, context: torch.Tensor, gamma_attn: float, gamma_norm: float
 ) -> torch.Tensor:
-    """-(gamma_attn dE_attn/dC + gamma_norm dE_norm/dC) through autograd (EBCA_SPEC.md property test)."""
+    """-(gamma_attn dE_attn/dC + gamma_norm dE_norm/dC) through autograd (docs/EBCA.md, BCU)."""
     ctx = context.detach().clone().requires_grad_(True)
     query = attn.to_q(hidden).detach()
     key = attn.to_k(ctx)

@@ -1,4 +1,4 @@
-"""Step-size schedules (EBCA_SPEC.md, "Step-size schedules")."""
+"""Step-size schedules (docs/EBCA.md, "Step-size schedules")."""
 
 from __future__ import annotations
 
