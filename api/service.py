@@ -17,12 +17,13 @@ from kombu.exceptions import OperationalError
 from PIL import Image
 
 from ebca_common.errors import ObjectNotFound, Unavailable, ValidationFailed
-from ebca_common.images import check_mask, decode_image
+from ebca_common.images import check_image_size, check_mask, decode_image
 from ebca_common.jobs import Job, JobStatus
 from ebca_common.queueing import RUN_JOB_TASK, celery_config
 from ebca_common.refs import resolve_ref
 from ebca_common.settings import Settings
 from ebca_common.specs import (
+    CONTENT_TYPES,
     GenerateRequest,
     ImageRef,
     InpaintRequest,
@@ -228,12 +229,8 @@ class JobService:
             )
         if upload is not None:
             image, fmt = decode_image(upload.data, name, self.settings.max_image_pixels)
-            if name == "image" and (image.size[0] % 8 or image.size[1] % 8):
-                # The VAE downsamples by 8: ebca_core refuses other sizes, so refuse them here, early.
-                raise ValidationFailed(
-                    f"image: width and height must be multiples of 8, got {image.size[0]}x{image.size[1]}",
-                    field="image",
-                )
+            if name == "image":
+                check_image_size(image, name)
             key = f"jobs/{job_id}/inputs/{name}.{fmt}"
             inputs[name] = (key, fmt)
             # The stored request references the stored upload, so it (and each image's settings) can be
@@ -257,9 +254,8 @@ class JobService:
         return image
 
     def _store_inputs(self, inputs: dict[str, Any], uploads: dict[str, Upload]) -> None:
-        content_types = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
         for name, (key, fmt) in inputs.items():
-            self.storage.put(key, uploads[name].data, content_types.get(fmt, "application/octet-stream"))
+            self.storage.put(key, uploads[name].data, CONTENT_TYPES.get(fmt, "application/octet-stream"))
 
     def _synthetic(
         self, request: SyntheticEditRequest, job_id: str, idempotency_key: str | None, fp: str

@@ -13,18 +13,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from ebca_common.params import REST_LIMITS, Scheduler
 from ebca_common.settings import Settings, looks_like_path
 
 log = logging.getLogger("ebca.models")
 
 DEFAULTS_FILE = "ebca_defaults.json"
-
-#: The noise schedulers a request may name (ebca_core.loading builds them).
-Scheduler = Literal["ddim", "pndm", "euler", "euler_ancestral", "dpm_solver", "lms"]
 
 
 class ModelDefaults(BaseModel):
@@ -36,14 +34,20 @@ class ModelDefaults(BaseModel):
     steps: int = Field(
         30,
         ge=1,
-        le=200,
+        le=REST_LIMITS.max_steps,
         validation_alias=AliasChoices("num_inference_steps", "steps"),
         description="Denoising steps.",
     )
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    guidance_scale: float = Field(
+        7.5, ge=0.0, le=REST_LIMITS.max_guidance_scale, description="Classifier-free guidance scale."
+    )
     scheduler: Scheduler = Field("ddim", description="Noise scheduler.")
-    width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="null = the native size.")
-    height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="null = the native size.")
+    width: int | None = Field(
+        None, ge=8, le=REST_LIMITS.max_size, multiple_of=8, description="null = the native size."
+    )
+    height: int | None = Field(
+        None, ge=8, le=REST_LIMITS.max_size, multiple_of=8, description="null = the native size."
+    )
 
 
 #: What a model without ``ebca_defaults.json`` uses (Stable Diffusion's customary settings).

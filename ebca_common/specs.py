@@ -1,41 +1,56 @@
 """Request models of docs/API.md, shared by the api (validation) and the worker (execution).
 
-Static bounds live on the fields; limits that come from settings (EBCA_MAX_IMAGES, EBCA_MAX_EDITS) are
-checked by :func:`check_limits`, and the CACAO normaliser by :func:`check_cacao_normaliser`.
+Every rule a field obeys is the parameter contract's (:mod:`ebca_common.params`), the one ebca_core
+applies to library callers: the static bounds on the fields come from ``params.REST_LIMITS``, the
+blank-prompt and token-weight rules are its functions. Limits that come from settings
+(EBCA_MAX_IMAGES, EBCA_MAX_EDITS, EBCA_MAX_IMAGE_PIXELS) and rules that need the step count (the
+CACAO normaliser, the values of the energy schedule) are checked by :func:`check_limits`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from typing import Annotated, Any, Literal, get_args
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from ebca_common import params
 from ebca_common.errors import ValidationFailed
-from ebca_common.model_defaults import Scheduler
+from ebca_common.params import REST_LIMITS, Direction, Limits, ParameterError, ScheduleKind, Scheduler
 from ebca_common.settings import Settings
 
-SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+SCHEDULERS: tuple[str, ...] = params.SCHEDULERS
 OutputFormat = Literal["png", "jpeg", "webp"]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-MAX_SEED = 2**32 - 1
-
-_WORD = re.compile(r"^\S+$")
-#: Token indices are short ASCII digit strings (a prompt has at most a few hundred tokens); longer digit
-#: strings are refused here rather than failing in the worker.
-MAX_TOKEN_INDEX_DIGITS = 6
+MAX_SEED = REST_LIMITS.max_seed
+MAX_TOKEN_INDEX_DIGITS = params.MAX_TOKEN_INDEX_DIGITS
 #: No request field nests deeper than 3 levels (energy.schedule.kind); anything far deeper is an attack
 #: or a mistake, refused before validation walks it.
 MAX_JSON_DEPTH = 32
+_STEP = REST_LIMITS.max_step_size
 
 
-def token_weight_key(key: str) -> int | str:
-    """A ``token_weights`` key as ebca_core takes it: an ASCII digit string is a token index, anything
-    else a word of the prompt (validation refuses other digit characters such as ``"²"``)."""
-    return int(key) if key.isascii() and key.isdigit() else key
+def _prompt(value: str) -> str:
+    return params.check_prompt(value, "", REST_LIMITS)  # pydantic names the field
+
+
+#: Every prompt of a request (prompt, source_prompt, edits[].prompt): non-blank, at most 1000 characters.
+Prompt = Annotated[str, AfterValidator(_prompt)]
+
+
+def _prompt_field(description: str) -> Any:
+    return Field(..., min_length=1, max_length=REST_LIMITS.max_prompt_chars, description=description)
+
+
+def _step_size_field(default: float, description: str) -> Any:
+    return Field(default, ge=0.0, le=_STEP, allow_inf_nan=False, description=f"{description} (0..{_STEP:g}).")
+
+
+def _fraction_field(default: float | None, description: str) -> Any:
+    return Field(default, ge=0.0, le=1.0, description=description)
 
 
 class _Strict(BaseModel):
@@ -45,32 +60,31 @@ class _Strict(BaseModel):
 
 
 class ScheduleSpec(_Strict):
-    """Step-size schedule of the BCU gammas (EBCA_SPEC.md, "Step-size schedules")."""
+    """Step-size schedule of the BCU gammas (docs/EBCA.md, "Step-size schedules")."""
 
-    kind: Literal["constant", "step", "reverse_step", "linear", "exp"] = Field(
+    kind: ScheduleKind = Field(
         "reverse_step",
         description="constant: always on; step: on from int(T*tau); reverse_step: on until int(T*tau); "
         "linear: g + ratio*i; exp: g * ratio**i (i = denoising step index, T = steps).",
     )
-    tau: float = Field(1.0, ge=0.0, le=1.0, description="Switch point for step kinds, a fraction of steps.")
+    tau: float = _fraction_field(1.0, "Switch point for step kinds, a fraction of steps.")
     ratio: float | None = Field(
         None,
         allow_inf_nan=False,
         description="Slope (linear, default 0) or factor (exp, default 1) per step.",
     )
 
+    def value(self, gamma: float, i: int, steps: int) -> float:
+        """The step size at U-Net call ``i`` for base value ``gamma`` (the contract's formula)."""
+        ratio = self.ratio if self.ratio is not None else params.default_ratio(self.kind)
+        return params.schedule_value(self.kind, gamma, self.tau, ratio, i, steps)
+
 
 class EnergySpec(_Strict):
-    """Bayesian Context Update on the main prompt (EBCA_SPEC.md, "Bayesian Context Update")."""
+    """Bayesian Context Update on the main prompt (docs/EBCA.md, "Bayesian Context Update")."""
 
-    # Upper bounds: the recommended step sizes are 0.01-0.025 (EBCA_SPEC.md, "Tasks"); far larger
-    # ones only drive the context to overflow and produce a black image.
-    gamma_attn: float = Field(
-        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="Step size of the attention term (0..10)."
-    )
-    gamma_norm: float = Field(
-        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="Step size of the key-norm prior (0..10)."
-    )
+    gamma_attn: float = _step_size_field(0.0, "Step size of the attention term")
+    gamma_norm: float = _step_size_field(0.0, "Step size of the key-norm prior")
     schedule: ScheduleSpec = Field(
         default_factory=ScheduleSpec, description="How the gammas vary over the denoising steps."
     )
@@ -84,45 +98,26 @@ class EnergySpec(_Strict):
     @classmethod
     def _check_weights(cls, value: dict[str, float]) -> dict[str, float]:
         for key, weight in value.items():
-            if not _WORD.match(key):
-                raise ValueError(f"key {key!r} must be one word or a token index")
+            params.check_token_weight(key, weight, "")  # pydantic names the field
             if key.isdigit() and not key.isascii():
-                # "²" or "٣" would be read as an index by some code and as a word by other code.
+                # The contract reads "²" or "٣" as a word, which only the worker's tokenizer can look
+                # for; a key of nothing but such digits is almost surely a mistaken index: say so now.
                 raise ValueError(f"key {key!r}: a token index must be written with the digits 0-9")
-            if isinstance(token_weight_key(key), int) and len(key) > MAX_TOKEN_INDEX_DIGITS:
-                raise ValueError(
-                    f"token index {key[:12]}... has {len(key)} digits; at most {MAX_TOKEN_INDEX_DIGITS}"
-                )
-            if not math.isfinite(weight) or weight <= 0:
-                raise ValueError(f"weight of {key!r} must be a finite number > 0, got {weight}")
         return value
 
 
 class EditSpec(_Strict):
-    """One CACAO editorial prompt (EBCA_SPEC.md, "CACAO")."""
+    """One CACAO editorial prompt (docs/EBCA.md, "CACAO")."""
 
-    prompt: str = Field(..., min_length=1, max_length=1000, description="The editorial prompt.")
-    alpha: float = Field(
-        1.0, ge=0.0, le=10.0, allow_inf_nan=False, description="Weight of this prompt's attention (0..10)."
+    prompt: Prompt = _prompt_field("The editorial prompt.")
+    alpha: float = _step_size_field(1.0, "Weight of this prompt's attention")
+    direction: Direction = Field("and", description="and: conjunction; not: negation.")
+    alpha_tau: float = _fraction_field(0.0, "alpha switches on at int(steps * alpha_tau).")
+    gamma_attn: float = _step_size_field(0.0, "BCU attention step size")
+    gamma_norm: float = _step_size_field(0.0, "BCU key-norm step size")
+    gamma_tau: float | None = _fraction_field(
+        None, "The gammas switch on at int(steps * gamma_tau); null = alpha_tau."
     )
-    direction: Literal["and", "not"] = Field("and", description="and: conjunction; not: negation.")
-    alpha_tau: float = Field(0.0, ge=0.0, le=1.0, description="alpha switches on at int(steps * alpha_tau).")
-    gamma_attn: float = Field(
-        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="BCU attention step size (0..10)."
-    )
-    gamma_norm: float = Field(
-        0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="BCU key-norm step size (0..10)."
-    )
-    gamma_tau: float | None = Field(
-        None, ge=0.0, le=1.0, description="The gammas switch on at int(steps * gamma_tau); null = alpha_tau."
-    )
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value
 
 
 class ImageRef(_Strict):
@@ -139,21 +134,29 @@ class InversionSpec(_Strict):
     regularize: bool = Field(False, description="pix2pix-zero noise regularisation during DDIM inversion.")
 
 
-def _prompt_field(description: str) -> Any:
-    return Field(..., min_length=1, max_length=1000, description=description)
-
-
 def _size_field(name: str) -> Any:
-    return Field(None, ge=8, le=2048, multiple_of=8, description=f"Image {name}; null = model's native size.")
+    return Field(
+        None,
+        ge=8,
+        le=REST_LIMITS.max_size,
+        multiple_of=8,
+        description=f"Image {name}; null = model's native size.",
+    )
 
 
 class _Common(_Strict):
     model: str | None = Field(None, max_length=200, description="Model id from GET /models; null = default.")
     steps: int | None = Field(
-        None, ge=1, le=200, description="Denoising steps; null = the model's default (else 30)."
+        None,
+        ge=1,
+        le=REST_LIMITS.max_steps,
+        description="Denoising steps; null = the model's default (else 30).",
     )
     guidance_scale: float | None = Field(
-        None, ge=0.0, le=50.0, description="Guidance scale; null = the model's default (else 7.5)."
+        None,
+        ge=0.0,
+        le=REST_LIMITS.max_guidance_scale,
+        description="Guidance scale; null = the model's default (else 7.5).",
     )
     num_images: int = Field(
         1, ge=1, description="Images to make; image i uses seed + i (<= EBCA_MAX_IMAGES)."
@@ -166,27 +169,24 @@ class _Common(_Strict):
 class GenerateRequest(_Common):
     """Body of POST /generate."""
 
-    prompt: str = _prompt_field("What to draw.")
-    negative_prompt: str | None = Field(None, max_length=1000, description="What to avoid.")
+    prompt: Prompt = _prompt_field("What to draw.")
+    negative_prompt: str | None = Field(
+        None, max_length=REST_LIMITS.max_prompt_chars, description="What to avoid."
+    )
     width: int | None = _size_field("width")
     height: int | None = _size_field("height")
     scheduler: Scheduler | None = Field(None, description="Noise scheduler; null = the model's default.")
     edits: list[EditSpec] = Field(default_factory=list, description="Editorial prompts (CACAO).")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value
 
 
 class InpaintRequest(_Common):
     """POST /edit with mode=inpaint: repaint the white part of the mask."""
 
     mode: Literal["inpaint"] = Field(..., description="inpaint: repaint the white region of the mask.")
-    prompt: str = _prompt_field("What to paint into the masked region.")
-    negative_prompt: str | None = Field(None, max_length=1000, description="What to avoid.")
+    prompt: Prompt = _prompt_field("What to paint into the masked region.")
+    negative_prompt: str | None = Field(
+        None, max_length=REST_LIMITS.max_prompt_chars, description="What to avoid."
+    )
     scheduler: Scheduler | None = Field(None, description="Noise scheduler; null = the model's default.")
     image_ref: ImageRef | None = Field(None, description="The image, unless uploaded as part `image`.")
     mask_ref: ImageRef | None = Field(None, description="The mask, unless uploaded as part `mask`.")
@@ -196,7 +196,7 @@ class RealEditRequest(_Common):
     """POST /edit with mode=real: invert a real image with DDIM, then re-generate it with edits."""
 
     mode: Literal["real"] = Field(..., description="real: edit an existing image (DDIM inversion + CACAO).")
-    source_prompt: str = _prompt_field("A caption of the input image (used for inversion).")
+    source_prompt: Prompt = _prompt_field("A caption of the input image (used for inversion).")
     edits: list[EditSpec] = Field(..., min_length=1, description="Editorial prompts (at least one).")
     image_ref: ImageRef | None = Field(None, description="The image, unless uploaded as part `image`.")
     inversion: InversionSpec = Field(default_factory=InversionSpec, description="DDIM inversion options.")
@@ -333,74 +333,99 @@ def parse_edit(data: Any) -> InpaintRequest | RealEditRequest | SyntheticEditReq
         raise from_pydantic(exc) from None
 
 
-def _step_on(i: int, steps: int, tau: float) -> bool:
-    # Same switch point as ebca_core's step schedule: on for i >= int(T * tau) (EBCA_SPEC.md schedules).
-    return i >= int(steps * tau)
+def service_limits(settings: Settings) -> Limits:
+    """The REST contract's bounds with this deployment's settings: what the api enforces, and what
+    the worker hands its pipelines, so both sides of the queue refuse the same requests."""
+    return replace(
+        REST_LIMITS,
+        max_images=settings.max_images,
+        max_edits=settings.max_edits,
+        max_image_pixels=settings.max_image_pixels,
+    )
 
 
-def check_cacao_normaliser(edits: list[EditSpec], steps: int | None) -> None:
-    """Reject edits whose CACAO normaliser ``1 + sum(sign * alpha)`` is <= 0 at any step.
+def _refused(exc: ParameterError) -> ValidationFailed:
+    return ValidationFailed(str(exc), field=exc.field)
 
-    EBCA_SPEC.md, "CACAO": the combined attention output is divided by it at every U-Net call. The
-    alphas switch on at ``int(steps * alpha_tau)``, so every step 0..steps is checked (PNDM makes one
-    call more than ``steps``). With ``steps`` null the model's default decides it later, so every set
-    of prompts that some step count switches on together is checked: the prompts switch on in the
-    order of their ``alpha_tau`` (equal ones together), so those sets are the prefixes of that order.
+
+def _normaliser_stages(
+    edits: list[EditSpec], steps: int | None, scheduler: str | None
+) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """The alphas in effect at every point of the run (docs/EBCA.md, "CACAO")."""
+    if steps is not None:
+        for i in range(params.unet_calls(scheduler, steps)):
+            on = [e for e in edits if i >= params.switch_index(steps, e.alpha_tau)]
+            yield f"at step {i}", [(e.direction, e.alpha) for e in on]
+        return
+    # Null steps: the model's default decides them later, so every set of prompts that some step count
+    # switches on together is checked. They switch on in the order of their alpha_tau (equal ones
+    # together), so those sets are the prefixes of that order.
+    for tau in sorted({e.alpha_tau for e in edits}):
+        on = [e for e in edits if e.alpha_tau <= tau]
+        yield f"once the prompts with alpha_tau <= {tau:g} are on", [(e.direction, e.alpha) for e in on]
+
+
+def check_cacao_normaliser(edits: list[EditSpec], steps: int | None, scheduler: str | None = None) -> None:
+    """Reject edits whose CACAO normaliser ``1 + sum(sign * alpha)`` is <= 0 at some U-Net call.
+
+    The alphas switch on at ``int(steps * alpha_tau)``; every call of the run is checked (PNDM, or a
+    scheduler not known yet, makes one call more than ``steps``).
     """
     if not edits:
         return
-    if steps is not None:
-        stages = [
-            (f"at step {i}", [e for e in edits if _step_on(i, steps, e.alpha_tau)]) for i in range(steps + 1)
-        ]
-    else:
-        taus = sorted({e.alpha_tau for e in edits})
-        stages = [
-            (f"once the prompts with alpha_tau <= {tau:g} are on", [e for e in edits if e.alpha_tau <= tau])
-            for tau in taus
-        ]
-    for where, active in stages:
-        total = 1.0 + sum(e.alpha if e.direction == "and" else -e.alpha for e in active)
-        if total <= 0:
-            raise ValidationFailed(
-                f"edits: the normaliser 1 + sum(sign * alpha) is {total:g} {where}; it must be > 0 "
-                "(lower the alphas of the 'not' prompts)",
-                field="edits",
+    try:
+        params.check_cacao_normaliser(_normaliser_stages(edits, steps, scheduler))
+    except ParameterError as exc:
+        raise _refused(exc) from None
+
+
+def check_energy_schedule(energy: EnergySpec | None, steps: int | None, scheduler: str | None) -> None:
+    """Both gammas follow the one schedule; its value at every U-Net call must be finite and not
+    negative (a linear slope or an exponential factor can break that). Null steps: every step count
+    up to the most a request may ask for."""
+    if energy is None or energy.schedule.kind not in ("linear", "exp"):
+        return  # the other kinds only take the values 0 and the gamma
+    run_steps = steps if steps is not None else REST_LIMITS.max_steps
+    assert run_steps is not None
+    calls = params.unet_calls(scheduler if steps is not None else None, run_steps)
+    try:
+        for name in ("gamma_attn", "gamma_norm"):
+            gamma = getattr(energy, name)
+            params.check_schedule_values(
+                lambda i, g=gamma: energy.schedule.value(g, i, run_steps), calls, f"energy.{name}"
             )
+    except ParameterError as exc:
+        raise _refused(exc) from None
 
 
 def check_limits(request: BaseModel, settings: Settings) -> None:
-    """Limits that depend on configuration; raise ValidationFailed naming the field."""
+    """The rules that depend on configuration or on more than one field; raise ValidationFailed."""
+    limits = service_limits(settings)
     num_images = getattr(request, "num_images", None)
     if num_images is not None and num_images > settings.max_images:
         raise ValidationFailed(
             f"num_images: at most {settings.max_images} images per job (EBCA_MAX_IMAGES), got {num_images}",
             field="num_images",
         )
-    seed = getattr(request, "seed", None)
-    if seed is not None and num_images is not None and seed + num_images - 1 > MAX_SEED:
-        raise ValidationFailed(
-            f"seed: image i uses seed + i, so seed must be <= {MAX_SEED - num_images + 1} "
-            f"for {num_images} images",
-            field="seed",
-        )
-    width, height = getattr(request, "width", None), getattr(request, "height", None)
-    if width is not None and height is not None and width * height > settings.max_image_pixels:
+    try:
+        if num_images is not None:
+            params.check_seed(getattr(request, "seed", None), num_images, limits)
         # The same bound as uploads: one request must not tie a worker up for hours (a 2048x2048 run is
-        # minutes per step on CPU), so operators can lower it.
-        raise ValidationFailed(
-            f"width: {width}x{height} is {width * height} pixels, over the limit of "
-            f"{settings.max_image_pixels} (EBCA_MAX_IMAGE_PIXELS)",
-            field="width",
-        )
+        # minutes per step on CPU), so operators can lower it (EBCA_MAX_IMAGE_PIXELS).
+        params.check_image_area(getattr(request, "width", None), getattr(request, "height", None), limits)
+    except ParameterError as exc:
+        raise _refused(exc) from None
     edits: list[EditSpec] = getattr(request, "edits", None) or []
     if len(edits) > settings.max_edits:
         raise ValidationFailed(
             f"edits: at most {settings.max_edits} editorial prompts (EBCA_MAX_EDITS), got {len(edits)}",
             field="edits",
         )
-    if edits:
-        check_cacao_normaliser(edits, getattr(request, "steps", None))
+    steps = getattr(request, "steps", None)
+    # A real-image edit always samples with DDIM; null = the model's default scheduler.
+    scheduler = "ddim" if isinstance(request, RealEditRequest) else getattr(request, "scheduler", None)
+    check_energy_schedule(getattr(request, "energy", None), steps, scheduler)
+    check_cacao_normaliser(edits, steps, scheduler)
     model = getattr(request, "model", None)
     if model is not None and model not in settings.model_table():
         known = ", ".join(sorted(settings.model_table()))

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ebca_core.errors import InvalidInputError
+from ebca_common import params
+from ebca_common.params import LIBRARY_LIMITS, Limits
+from ebca_core.errors import InvalidInputError, contract
 from ebca_core.schedules import Schedule, as_schedule
 
 GammaValue = float | Schedule | Sequence[float]
 
 
-def _check_number(value: object, name: str, *, minimum: float | None = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInputError(f"must be a number, got {type(value).__name__}", field=name)
-    if not math.isfinite(value):
-        raise InvalidInputError(f"must be finite, got {value}", field=name)
-    if minimum is not None and value < minimum:
-        raise InvalidInputError(f"must be >= {minimum}, got {value}", field=name)
+def _check_step_size(schedule: Schedule, field: str, limits: Limits) -> None:
+    """A step size (its base value; every value of an explicit list) within the limit."""
+    values = schedule.values if schedule.kind == "explicit" else (schedule.value,)
+    with contract():
+        for value in values:
+            params.check_number(value, field, maximum=limits.max_step_size)
 
 
 @dataclass(frozen=True)
@@ -42,22 +42,22 @@ class EnergyConfig:
     def norm_schedule(self) -> Schedule:
         return as_schedule(self.gamma_norm, "energy.gamma_norm")
 
-    def validate(self, num_inference_steps: int | None = None, num_calls: int | None = None) -> None:
+    def validate(
+        self,
+        num_inference_steps: int | None = None,
+        num_calls: int | None = None,
+        limits: Limits = LIBRARY_LIMITS,
+    ) -> None:
         attn, norm = self.attn_schedule(), self.norm_schedule()
         if num_inference_steps is not None:
             calls = num_calls if num_calls is not None else num_inference_steps
             attn.validate(num_inference_steps, calls, "energy.gamma_attn")
             norm.validate(num_inference_steps, calls, "energy.gamma_norm")
-        for name, sched in (("energy.gamma_attn", attn), ("energy.gamma_norm", norm)):
-            if sched.kind != "explicit":
-                _check_number(sched.value, name)
-        for key, weight in (self.token_weights or {}).items():
-            name = f"energy.token_weights.{key}"
-            if isinstance(key, bool) or not isinstance(key, int | str):
-                raise InvalidInputError("keys must be token indices or words", field=name)
-            if isinstance(key, int) and key < 0:
-                raise InvalidInputError("token index must be >= 0", field=name)
-            _check_number(weight, name)
+        _check_step_size(attn, "energy.gamma_attn", limits)
+        _check_step_size(norm, "energy.gamma_norm", limits)
+        with contract():
+            for key, weight in (self.token_weights or {}).items():
+                params.check_token_weight(key, weight, f"energy.token_weights.{key}")
 
     def is_active(self, num_inference_steps: int, num_calls: int) -> bool:
         return not (
@@ -85,11 +85,12 @@ class EditorialPrompt:
 
     @property
     def sign(self) -> float:
-        return 1.0 if self.direction == "and" else -1.0
+        return params.direction_sign(self.direction)
 
     def _scheduled(self, value: float | Schedule | Sequence[float], tau: float, name: str) -> Schedule:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            _check_number(value, name)
+            with contract():
+                params.check_number(value, name)
             return Schedule.step(float(value), tau)
         return as_schedule(value, name)
 
@@ -104,51 +105,47 @@ class EditorialPrompt:
         )
 
     def validate(
-        self, index: int, num_inference_steps: int | None = None, num_calls: int | None = None
+        self,
+        index: int,
+        num_inference_steps: int | None = None,
+        num_calls: int | None = None,
+        limits: Limits = LIBRARY_LIMITS,
     ) -> None:
         prefix = f"edits[{index}]"
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InvalidInputError("editorial prompt must be a non-empty string", field=f"{prefix}.prompt")
-        if self.direction not in ("and", "not"):
-            raise InvalidInputError(
-                f"direction must be 'and' or 'not', got {self.direction!r}", field=f"{prefix}.direction"
-            )
-        for name, tau in (("alpha_tau", self.alpha_tau), ("gamma_tau", self.gamma_tau)):
-            if tau is None:
-                continue
-            _check_number(tau, f"{prefix}.{name}")
-            if tau > 1:
-                raise InvalidInputError(f"must be in [0, 1], got {tau}", field=f"{prefix}.{name}")
+        with contract():
+            params.check_prompt(self.prompt, f"{prefix}.prompt", limits)
+            if self.direction not in params.DIRECTIONS:
+                raise InvalidInputError(
+                    f"direction must be 'and' or 'not', got {self.direction!r}", field=f"{prefix}.direction"
+                )
+            for name, tau in (("alpha_tau", self.alpha_tau), ("gamma_tau", self.gamma_tau)):
+                if tau is not None:
+                    params.check_fraction(tau, f"{prefix}.{name}")
         try:
             schedules = {"alpha": self.alpha_schedule()}
             schedules["gamma_attn"], schedules["gamma_norm"] = self.gamma_schedules()
         except InvalidInputError as exc:
             raise InvalidInputError(exc.message, field=f"{prefix}.{exc.field}") from exc
-        if num_inference_steps is not None:
-            calls = num_calls if num_calls is not None else num_inference_steps
-            for name, sched in schedules.items():
+        for name, sched in schedules.items():
+            _check_step_size(sched, f"{prefix}.{name}", limits)
+            if num_inference_steps is not None:
+                calls = num_calls if num_calls is not None else num_inference_steps
                 sched.validate(num_inference_steps, calls, f"{prefix}.{name}")
 
 
 def check_cacao_normaliser(
     edits: Sequence[EditorialPrompt], num_inference_steps: int, num_calls: int
 ) -> None:
-    """Reject alpha combinations whose normaliser ``1 + sum(sign * alpha)`` is not positive.
-
-    docs/EBCA.md, "CACAO": the combined output is divided by this normaliser at every step, so it must
-    be > 0 at every U-Net call (the original implementation does not check).
+    """Reject alpha combinations whose normaliser ``1 + sum(sign * alpha)`` is not positive at some
+    U-Net call of the run (docs/EBCA.md, "CACAO"; the rule: ``ebca_common.params``).
     """
-    if not edits:
-        return
-    alphas = [(e.sign, e.alpha_schedule()) for e in edits]
-    for i in range(num_calls):
-        denom = 1.0 + sum(sign * sched(i, num_inference_steps) for sign, sched in alphas)
-        if denom <= 0.0:
-            raise InvalidInputError(
-                f"the CACAO normaliser 1 + sum(sign * alpha) is {denom:g} at step {i}; it must be > 0 "
-                "(lower the alphas of the 'not' prompts)",
-                field="edits",
-            )
+    alphas = [(e.direction, e.alpha_schedule()) for e in edits]
+    stages = (
+        (f"at step {i}", [(direction, sched(i, num_inference_steps)) for direction, sched in alphas])
+        for i in range(num_calls if alphas else 0)
+    )
+    with contract():
+        params.check_cacao_normaliser(stages)
 
 
 def check_energy_and_edits(
@@ -156,6 +153,7 @@ def check_energy_and_edits(
     edits: Sequence[EditorialPrompt],
     num_inference_steps: int,
     num_calls: int,
+    limits: Limits = LIBRARY_LIMITS,
 ) -> None:
     """Every check of a run's BCU and CACAO arguments, for a run of ``num_calls`` U-Net calls.
 
@@ -163,9 +161,9 @@ def check_energy_and_edits(
     an :class:`~ebca_core.processor.EBCAState` built by hand (a stock diffusers pipeline) calls it too.
     """
     if energy is not None:
-        energy.validate(num_inference_steps, num_calls)
+        energy.validate(num_inference_steps, num_calls, limits)
     for index, edit in enumerate(edits):
-        edit.validate(index, num_inference_steps, num_calls)
+        edit.validate(index, num_inference_steps, num_calls, limits)
     check_cacao_normaliser(edits, num_inference_steps, num_calls)
 
 
@@ -185,8 +183,9 @@ class InversionConfig:
     num_ac_rolls: int = 5
 
     def validate(self) -> None:
-        _check_number(self.lambda_ac, "inversion.lambda_ac")
-        _check_number(self.lambda_kl, "inversion.lambda_kl")
+        with contract():
+            params.check_number(self.lambda_ac, "inversion.lambda_ac")
+            params.check_number(self.lambda_kl, "inversion.lambda_kl")
         for name in ("num_reg_steps", "num_ac_rolls"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -7,21 +7,39 @@ notebook) can tell "the request was wrong" (:class:`InvalidInputError`) from "th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+from ebca_common.params import ParameterError
+
 
 class EBCAError(Exception):
     """Base class of every error ebca_core raises deliberately."""
 
 
-class InvalidInputError(EBCAError, ValueError):
-    """A parameter is invalid. Raised before any compute; ``field`` names the offending parameter."""
+class InvalidInputError(EBCAError, ParameterError):
+    """A parameter is invalid. Raised before any compute; ``field`` names the offending parameter.
+
+    It is the parameter contract's :class:`~ebca_common.params.ParameterError` as ebca_core raises it:
+    the rules of :mod:`ebca_common.params` are the ones the REST api applies too.
+    """
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field)
         self.message = message
 
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+
+@contextlib.contextmanager
+def contract(prefix: str | None = None) -> Iterator[None]:
+    """Run rules of the parameter contract; a broken one raises :class:`InvalidInputError` with the
+    same reason and field (under ``prefix``, e.g. ``edits[0]``, when one is given)."""
+    try:
+        yield
+    except InvalidInputError:
+        raise
+    except ParameterError as exc:
+        field = exc.field if prefix is None else f"{prefix}.{exc.field}" if exc.field else prefix
+        raise InvalidInputError(exc.reason, field=field) from None
 
 
 class ModelNotFoundError(EBCAError):

@@ -1,22 +1,22 @@
-"""Input images and masks: decoding with limits, conversion to and from model tensors.
+"""Input images and masks: the project's one intake, then conversion to and from model tensors.
 
 Everything a client can send (PIL images, encoded bytes, file paths) goes through :func:`load_image` or
-:func:`load_mask`, which raise :class:`InvalidInputError` naming the field instead of letting PIL's own
-errors (or a decompression bomb) escape.
+:func:`load_mask`, which take it through :mod:`ebca_common.intake` (the same decoding, pixel bound,
+mode conversion and decompression-bomb policy as the REST api's uploads) and raise
+:class:`InvalidInputError` naming the field instead of letting PIL's own errors escape.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
-from ebca_core.errors import InvalidInputError
+from ebca_common import intake
+from ebca_core.errors import contract
 
 ImageInput = PIL.Image.Image | bytes | bytearray | str | Path
 
@@ -24,74 +24,39 @@ ImageInput = PIL.Image.Image | bytes | bytearray | str | Path
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-def _open(value: ImageInput, field: str, max_pixels: int) -> PIL.Image.Image:
-    if isinstance(value, PIL.Image.Image):
-        image = value
-    elif isinstance(value, bytes | bytearray | str | Path):
-        if isinstance(value, bytes | bytearray):
-            if not value:
-                raise InvalidInputError("is empty (0 bytes)", field=field)
-            source: io.BytesIO | Path = io.BytesIO(bytes(value))
-        else:
-            source = Path(value)
-            if not source.is_file():
-                raise InvalidInputError(f"file {str(value)!r} does not exist", field=field)
-        try:
-            # PIL warns (and past 2x its own limit raises) on decompression bombs; we enforce our own
-            # limit below from the header alone, before decoding any pixel data.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-                image = PIL.Image.open(source)
-        except PIL.Image.DecompressionBombError as exc:
-            raise InvalidInputError(f"image is too large to decode safely ({exc})", field=field) from exc
-        except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InvalidInputError(f"cannot be decoded as an image ({exc})", field=field) from exc
-    else:
-        raise InvalidInputError(
-            f"expected a PIL image, encoded image bytes or a file path, got {type(value).__name__}",
-            field=field,
-        )
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InvalidInputError(f"image has no pixels ({width}x{height})", field=field)
-    if width * height > max_pixels:
-        raise InvalidInputError(
-            f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
-            field=field,
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image.load()
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
-        raise InvalidInputError(f"cannot be decoded as an image ({exc})", field=field) from exc
-    return image
-
-
 def load_image(
     value: ImageInput, field: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> PIL.Image.Image:
     """Decode ``value`` into an RGB image; alpha is dropped (composited on black by PIL's convert)."""
-    return _open(value, field, max_pixels).convert("RGB")
+    with contract():
+        image, _ = intake.open_image(value, field, max_pixels)
+        return intake.convert(image, "RGB", field)
+
+
+def load_mask_image(
+    value: ImageInput, field: str = "mask", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> PIL.Image.Image:
+    """Decode ``value`` into a grayscale (``"L"``) mask image."""
+    with contract():
+        image, _ = intake.open_image(value, field, max_pixels)
+        return intake.convert(image, "L", field)
 
 
 def load_mask(
     value: ImageInput, field: str = "mask", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> np.ndarray:
     """Decode ``value`` into a boolean ``[H, W]`` mask: True (gray level >= 128) = region to repaint."""
-    image = _open(value, field, max_pixels)
-    if image.mode in ("RGBA", "LA", "PA"):
-        # A transparent mask's alpha carries no meaning for us; use the visible gray levels.
-        image = image.convert("RGB")
-    return np.asarray(image.convert("L")) >= 128
+    return mask_region(load_mask_image(value, field, max_pixels))
+
+
+def mask_region(mask: PIL.Image.Image) -> np.ndarray:
+    """The repaint region of a grayscale mask image: ``[H, W]`` bool."""
+    return np.asarray(mask) >= intake.MASK_THRESHOLD
 
 
 def check_size_multiple(image: PIL.Image.Image, multiple: int, field: str) -> None:
-    width, height = image.size
-    if width % multiple or height % multiple:
-        raise InvalidInputError(
-            f"width and height must be multiples of {multiple}, got {width}x{height}", field=field
-        )
+    with contract():
+        intake.check_size_multiple(image, multiple, field)
 
 
 def image_sha256(image: PIL.Image.Image) -> str:

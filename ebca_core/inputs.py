@@ -8,7 +8,6 @@ that the shared skeleton runs without checking anything again (docs/EBCA.md, "Pi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,9 +17,11 @@ import PIL.Image
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ebca_common import intake, params
+from ebca_common.params import Limits
 from ebca_core.config import EditorialPrompt, EnergyConfig, InversionConfig, check_energy_and_edits
-from ebca_core.errors import InvalidInputError
-from ebca_core.images import check_size_multiple, load_image, load_mask
+from ebca_core.errors import InvalidInputError, contract
+from ebca_core.images import load_image, load_mask_image, mask_region
 from ebca_core.schedulers import check_scheduler_name, make_scheduler, scheduler_name
 
 Task = Literal["generate", "edit_real", "inpaint"]
@@ -29,7 +30,6 @@ ProgressCallback = Callable[[int, int, torch.Tensor], None]
 StageCallback = Callable[[str], None]
 
 TASKS: tuple[str, ...] = ("generate", "edit_real", "inpaint")
-_MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -70,32 +70,13 @@ class CallInputs:
             self.on_stage(name)
 
 
-def _check_int(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInputError(f"must be an integer, got {type(value).__name__}", field=name)
-    if value < minimum:
-        raise InvalidInputError(f"must be >= {minimum}, got {value}", field=name)
-    if maximum is not None and value > maximum:
-        raise InvalidInputError(f"must be <= {maximum}, got {value}", field=name)
-    return value
-
-
-def _check_float(value: object, name: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInputError(f"must be a number, got {type(value).__name__}", field=name)
-    if not math.isfinite(value):
-        raise InvalidInputError(f"must be finite, got {value}", field=name)
-    if value < minimum:
-        raise InvalidInputError(f"must be >= {minimum}, got {value}", field=name)
-    return float(value)
-
-
-def _check_text(value: object, name: str, *, optional: bool = True) -> str | None:
-    if value is None and optional:
+def _check_text(value: object, name: str, limits: Limits) -> str | None:
+    """An optional text (a negative prompt): None, or a string within the length limit."""
+    if value is None:
         return None
     if not isinstance(value, str):
-        expected = "a string or None" if optional else "a string"
-        raise InvalidInputError(f"must be {expected}, got {type(value).__name__}", field=name)
+        raise InvalidInputError(f"must be a string or None, got {type(value).__name__}", field=name)
+    params.check_prompt_length(value, name, limits)
     return value
 
 
@@ -108,8 +89,7 @@ class CheckInputsMixin:
     model_id: str
     device: torch.device
     dtype: torch.dtype
-    max_edits: int
-    max_image_pixels: int
+    limits: Limits
     captioner: Callable[[PIL.Image.Image], str] | None
     is_inpainting: bool
     latent_channels: int
@@ -146,41 +126,44 @@ class CheckInputsMixin:
     ) -> CallInputs:
         """Validate and convert the arguments of one ``task`` call; raise :class:`InvalidInputError`.
 
-        Nothing is computed with the model here: the U-Net, VAE and text encoder are not called (the
-        only work is decoding input images and tokenizing the prompt for word token weights). The
+        The rules are those of the parameter contract (:mod:`ebca_common.params`, the same the REST
+        api applies) within this pipeline's :attr:`limits`. Nothing is computed with the model here:
+        the only work is decoding input images and tokenizing the prompt for word token weights. The
         ``captioner``, if it has to describe the image, runs last, once everything else is valid.
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if task != "inpaint":
-            self._require_text_to_image(task)
-        inputs = self._check_common(
-            task, num_inference_steps, guidance_scale, num_images, seed, output_type, callback, on_stage
-        )
-        inputs.record_energy = bool(record_energy) and task == "generate"
-        steps, images = inputs.num_inference_steps, inputs.num_images
-        if task == "generate":
-            self._check_generate_text(inputs, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-            inputs.latent_shape = self._latent_shape(latents, height, width, images)
-            inputs.latents = latents  # type: ignore[assignment]
-        elif task == "edit_real":
-            self._check_real_edit(inputs, image, source_prompt, inversion)
-        else:
-            self._check_inpaint(inputs, prompt, negative_prompt, image, mask)
-        name = "ddim" if task == "edit_real" else scheduler  # real-image editing always samples with DDIM
-        inputs.scheduler = self._scheduler_for(name)
-        inputs.scheduler.set_timesteps(steps, device=self.device)
-        inputs.timesteps = inputs.scheduler.timesteps
-        inputs.energy, inputs.edits = self._check_energy_and_edits(
-            energy, edits, steps, len(inputs.timesteps)
-        )
-        if task == "edit_real" and inputs.prompt is None:
-            assert self.captioner is not None and inputs.picture is not None
-            inputs.prompt = inputs.negative_prompt = str(self.captioner(inputs.picture))
-        embeds = inputs.prompt_embeds
-        num_tokens = int(self.tokenizer.model_max_length) if embeds is None else embeds.shape[1]
-        weights = inputs.energy.token_weights if inputs.energy is not None else None
-        inputs.token_weights = self.resolve_token_weights(inputs.prompt, weights, num_tokens)
+        with contract():
+            if task != "inpaint":
+                self._require_text_to_image(task)
+            inputs = self._check_common(
+                task, num_inference_steps, guidance_scale, num_images, seed, output_type, callback, on_stage
+            )
+            inputs.record_energy = bool(record_energy) and task == "generate"
+            if task == "generate":
+                self._check_generate_text(
+                    inputs, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+                )
+                inputs.latent_shape = self._latent_shape(latents, height, width, inputs.num_images)
+                inputs.latents = latents  # type: ignore[assignment]
+            elif task == "edit_real":
+                self._check_real_edit(inputs, image, source_prompt, inversion)
+            else:
+                self._check_inpaint(inputs, prompt, negative_prompt, image, mask)
+            # Real-image editing always samples with DDIM (docs/EBCA.md, "Tasks").
+            inputs.scheduler = self._scheduler_for("ddim" if task == "edit_real" else scheduler)
+            inputs.scheduler.set_timesteps(inputs.num_inference_steps, device=self.device)
+            inputs.timesteps = inputs.scheduler.timesteps
+            inputs.energy, inputs.edits = self._check_energy_and_edits(
+                energy, edits, inputs.num_inference_steps, len(inputs.timesteps)
+            )
+            if task == "edit_real" and inputs.prompt is None:
+                assert self.captioner is not None and inputs.picture is not None
+                inputs.prompt = inputs.negative_prompt = str(self.captioner(inputs.picture))
+            embeds = inputs.prompt_embeds
+            num_tokens = int(self.tokenizer.model_max_length) if embeds is None else embeds.shape[1]
+            weights = inputs.energy.token_weights if inputs.energy is not None else None
+            inputs.token_weights = self.resolve_token_weights(inputs.prompt, weights, num_tokens)
         return inputs
 
     # --- the parts of check_inputs ------------------------------------------------------------------
@@ -196,11 +179,18 @@ class CheckInputsMixin:
         on_stage: object,
     ) -> CallInputs:
         """The arguments every task takes, as a :class:`CallInputs` the task checks then complete."""
-        steps = _check_int(num_inference_steps, "num_inference_steps", 1, self._max_steps())
-        guidance = _check_float(guidance_scale, "guidance_scale", 0.0)
-        images = _check_int(num_images, "num_images", 1)
-        if seed is not None:
-            _check_int(seed, "seed", 0, _MAX_SEED - images + 1)
+        limits = self.limits
+        max_steps = int(self.scheduler.config.num_train_timesteps)
+        if limits.max_steps is not None:
+            max_steps = min(max_steps, limits.max_steps)
+        steps = params.check_number(
+            num_inference_steps, "num_inference_steps", minimum=1, maximum=max_steps, integer=True
+        )
+        guidance = params.check_number(guidance_scale, "guidance_scale", maximum=limits.max_guidance_scale)
+        images = params.check_number(
+            num_images, "num_images", minimum=1, maximum=limits.max_images, integer=True
+        )
+        params.check_seed(seed, int(images), limits)
         if output_type not in ("pil", "np", "latent"):
             raise InvalidInputError(
                 f"must be 'pil', 'np' or 'latent', got {output_type!r}", field="output_type"
@@ -211,9 +201,9 @@ class CheckInputsMixin:
             raise InvalidInputError("must be callable(stage) or None", field="on_stage")
         return CallInputs(
             task=task,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            num_images=images,
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance),
+            num_images=int(images),
             seed=seed,  # type: ignore[arg-type]
             output_type=output_type,  # type: ignore[arg-type]
             callback=callback,  # type: ignore[arg-type]
@@ -224,9 +214,6 @@ class CheckInputsMixin:
             edits=[],
             token_weights={},
         )
-
-    def _max_steps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
 
     def _require_text_to_image(self, task: str) -> None:
         if self.is_inpainting:
@@ -251,8 +238,9 @@ class CheckInputsMixin:
     ) -> None:
         if (prompt is None) == (prompt_embeds is None):
             raise InvalidInputError("give exactly one of prompt and prompt_embeds", field="prompt")
-        inputs.prompt = _check_text(prompt, "prompt", optional=prompt_embeds is not None)
-        inputs.negative_prompt = _check_text(negative_prompt, "negative_prompt")
+        if prompt is not None:
+            inputs.prompt = params.check_prompt(prompt, "prompt", self.limits)
+        inputs.negative_prompt = _check_text(negative_prompt, "negative_prompt", self.limits)
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise InvalidInputError(
                 "give at most one of negative_prompt and negative_prompt_embeds", field="negative_prompt"
@@ -274,8 +262,8 @@ class CheckInputsMixin:
             raise InvalidInputError("must be an InversionConfig or None", field="inversion")
         inversion.validate()
         inputs.inversion = inversion
-        inputs.picture = load_image(image, "image", self.max_image_pixels)  # type: ignore[arg-type]
-        check_size_multiple(inputs.picture, 8, "image")
+        inputs.picture = load_image(image, "image", self.limits.max_image_pixels)  # type: ignore[arg-type]
+        intake.check_size_multiple(inputs.picture, 8, "image")
         if source_prompt is not None and not isinstance(source_prompt, str):
             raise InvalidInputError(
                 f"must be a string, got {type(source_prompt).__name__}", field="source_prompt"
@@ -288,35 +276,28 @@ class CheckInputsMixin:
                     field="source_prompt",
                 )
             source = None  # check_inputs captions the image once everything else is valid
+        else:
+            params.check_prompt(source, "source_prompt", self.limits)
         # Sampling runs with prompt = negative prompt = the source prompt (docs/EBCA.md, "Tasks").
         inputs.prompt = inputs.negative_prompt = source
 
     def _check_inpaint(
         self, inputs: CallInputs, prompt: object, negative_prompt: object, image: object, mask: object
     ) -> None:
-        inputs.prompt = _check_text(prompt, "prompt", optional=False)
-        inputs.negative_prompt = _check_text(negative_prompt, "negative_prompt")
-        picture = load_image(image, "image", self.max_image_pixels)  # type: ignore[arg-type]
-        region = load_mask(mask, "mask", self.max_image_pixels)  # type: ignore[arg-type]
-        if region.shape != (picture.height, picture.width):
-            raise InvalidInputError(
-                f"mask is {region.shape[1]}x{region.shape[0]}, "
-                f"but the image is {picture.width}x{picture.height}",
-                field="mask",
-            )
-        if not region.any():
-            raise InvalidInputError("mask is empty: no pixel is >= 128 (white = region to repaint)", "mask")
-        if region.all():
-            raise InvalidInputError("mask covers the whole image; use generate() instead", field="mask")
-        check_size_multiple(picture, 8, "image")
+        inputs.prompt = params.check_prompt(prompt, "prompt", self.limits)
+        inputs.negative_prompt = _check_text(negative_prompt, "negative_prompt", self.limits)
+        picture = load_image(image, "image", self.limits.max_image_pixels)  # type: ignore[arg-type]
+        mask_image = load_mask_image(mask, "mask", self.limits.max_image_pixels)  # type: ignore[arg-type]
+        intake.check_mask(picture, mask_image)
+        intake.check_size_multiple(picture, 8, "image")
         f = self.vae_scale_factor
-        inputs.picture, inputs.region = picture, region
+        inputs.picture, inputs.region = picture, mask_region(mask_image)
         inputs.latent_shape = (self.latent_channels, picture.height // f, picture.width // f)
 
     def _check_size(self, value: object, name: str) -> int | None:
         if value is None:
             return None
-        _check_int(value, name, 8)
+        params.check_number(value, name, minimum=8, maximum=self.limits.max_size, integer=True)
         if value % 8:  # type: ignore[operator]
             raise InvalidInputError(f"must be a multiple of 8, got {value}", field=name)
         return int(value)  # type: ignore[call-overload]
@@ -325,6 +306,7 @@ class CheckInputsMixin:
         self, latents: object, height: object, width: object, num_images: int
     ) -> tuple[int, int, int]:
         height, width = self._check_size(height, "height"), self._check_size(width, "width")
+        params.check_image_area(width, height, self.limits)
         channels, f = self.latent_channels, self.vae_scale_factor
         if latents is None:
             default_h, default_w = self.default_size
@@ -372,9 +354,10 @@ class CheckInputsMixin:
         if edits is not None:
             if isinstance(edits, EditorialPrompt | str) or not isinstance(edits, Sequence):
                 raise InvalidInputError("must be a list of EditorialPrompt", field="edits")
-            if len(edits) > self.max_edits:
+            if len(edits) > self.limits.max_edits:
                 raise InvalidInputError(
-                    f"at most {self.max_edits} editorial prompts are allowed, got {len(edits)}", field="edits"
+                    f"at most {self.limits.max_edits} editorial prompts are allowed, got {len(edits)}",
+                    field="edits",
                 )
             for index, edit in enumerate(edits):
                 if not isinstance(edit, EditorialPrompt):
@@ -382,5 +365,5 @@ class CheckInputsMixin:
                         f"must be an EditorialPrompt, got {type(edit).__name__}", field=f"edits[{index}]"
                     )
             edit_list = list(edits)
-        check_energy_and_edits(energy, edit_list, num_inference_steps, num_calls)
+        check_energy_and_edits(energy, edit_list, num_inference_steps, num_calls, self.limits)
         return energy, edit_list

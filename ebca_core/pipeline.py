@@ -15,6 +15,7 @@ noise (and for the noise of stochastic schedulers), so a batch of N equals N sin
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -26,10 +27,11 @@ import PIL.Image
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ebca_common.params import LIBRARY_LIMITS, Limits, token_index
 from ebca_core.config import EditorialPrompt, EnergyConfig, InversionConfig
 from ebca_core.denoising import DenoiseRun, ProgressCallback, denoise
 from ebca_core.errors import InvalidInputError
-from ebca_core.images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, numpy_to_pil, tensor_to_numpy
+from ebca_core.images import ImageInput, numpy_to_pil, tensor_to_numpy
 from ebca_core.inputs import CallInputs, CheckInputsMixin, OutputType, StageCallback
 from ebca_core.processor import EBCAState
 from ebca_core.schedulers import make_scheduler, scheduler_name
@@ -57,10 +59,12 @@ class EBCAOutput:
 class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
     """Stable Diffusion with energy-based cross-attention. Build one with :func:`load_pipeline`.
 
-    Attributes a host may tune: ``max_edits`` (most editorial prompts per call), ``max_image_pixels``
-    (largest input image or mask), ``captioner`` (``image -> caption`` used by :meth:`edit_real` when no
-    source prompt is given; ``None`` = a source prompt is required), ``inversion_cache_size`` (inverted
-    latents kept for :meth:`edit_real`).
+    Attributes a host may tune: ``limits`` (upper bounds on every argument, an
+    :class:`ebca_common.params.Limits`; the REST service sets its own), among them ``max_edits``
+    (most editorial prompts per call) and ``max_image_pixels`` (largest input image or mask);
+    ``captioner`` (``image -> caption`` used by :meth:`edit_real` when no source prompt is given;
+    ``None`` = a source prompt is required); ``inversion_cache_size`` (inverted latents kept for
+    :meth:`edit_real`).
     """
 
     def __init__(
@@ -84,8 +88,8 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         self.scheduler = scheduler
         self.model_id = model_id
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.max_edits = 4
-        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+        #: Upper bounds on a call's arguments (the library's own: unbounded but for edits and pixels).
+        self.limits: Limits = LIBRARY_LIMITS
         self.captioner: Callable[[PIL.Image.Image], str] | None = None
         self.inversion_cache_size = 8
         self._inversion_cache: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
@@ -100,6 +104,24 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         return module.eval()
 
     # --- properties -------------------------------------------------------------------------------
+    @property
+    def max_edits(self) -> int:
+        """Most editorial prompts per call (``limits.max_edits``)."""
+        return self.limits.max_edits
+
+    @max_edits.setter
+    def max_edits(self, value: int) -> None:
+        self.limits = dataclasses.replace(self.limits, max_edits=value)
+
+    @property
+    def max_image_pixels(self) -> int:
+        """Largest input image or mask, in pixels (``limits.max_image_pixels``)."""
+        return self.limits.max_image_pixels
+
+    @max_image_pixels.setter
+    def max_image_pixels(self, value: int) -> None:
+        self.limits = dataclasses.replace(self.limits, max_image_pixels=value)
+
     @property
     def is_inpainting(self) -> bool:
         """A 9-channel U-Net (noisy latents + mask + masked-image latents): SD-inpainting layout."""
@@ -162,10 +184,9 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         resolved: dict[int, float] = {}
         for key, weight in token_weights.items():
             name = "energy.token_weights"
-            # Only ASCII digits are an index ("²".isdigit() is true but int("²") raises).
-            if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
-                key = int(key.strip())
-            if isinstance(key, int) and not isinstance(key, bool):
+            index = token_index(key)  # the one digit-key rule (ebca_common.params)
+            if index is not None:
+                key = index
                 if key >= limit:
                     what = (
                         f"the prompt's {limit} tokens (start and end tokens included)"

@@ -19,9 +19,10 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ebca_common import params
 from ebca_core.errors import InvalidInputError
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+_CLASSES: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "pndm": PNDMScheduler,
     "euler": EulerDiscreteScheduler,
@@ -29,6 +30,8 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "dpm_solver": DPMSolverMultistepScheduler,
     "lms": LMSDiscreteScheduler,
 }
+#: One class per name of the contract's scheduler set (a name without a class fails at import).
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {name: _CLASSES[name] for name in params.SCHEDULERS}
 
 
 def check_scheduler_name(name: object) -> str:

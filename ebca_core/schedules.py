@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ebca_core.errors import InvalidInputError
+from ebca_common import params
+from ebca_core.errors import InvalidInputError, contract
 
 ScheduleKind = Literal["constant", "step", "reverse_step", "linear", "exp", "explicit"]
 SCHEDULE_KINDS: tuple[str, ...] = ("constant", "step", "reverse_step", "linear", "exp", "explicit")
@@ -61,32 +62,19 @@ class Schedule:
         """Build a schedule from its name, as the REST API and the CLI describe it."""
         if kind == "constant":
             return cls.constant(value)
-        if kind == "step":
-            return cls.step(value, tau)
-        if kind == "reverse_step":
-            return cls.reverse_step(value, tau)
-        if kind == "linear":
-            return cls.linear(value, ratio)
-        if kind == "exp":
-            return cls.exp(value, ratio)
+        if kind in ("step", "reverse_step"):
+            return cls.step(value, tau) if kind == "step" else cls.reverse_step(value, tau)
+        if kind in ("linear", "exp"):
+            return cls.linear(value, ratio) if kind == "linear" else cls.exp(value, ratio)
         raise InvalidInputError(
-            f"unknown schedule kind {kind!r}; expected one of constant, step, reverse_step, linear, exp",
+            f"unknown schedule kind {kind!r}; expected one of {', '.join(params.SCHEDULE_KINDS)}",
             field="schedule.kind",
         )
 
     # --- evaluation ---------------------------------------------------------------------------
     def __call__(self, i: int, num_inference_steps: int) -> float:
-        t = num_inference_steps
-        if self.kind == "constant":
-            return self.value
-        if self.kind == "step":
-            return 0.0 if i < int(t * self.tau) else self.value
-        if self.kind == "reverse_step":
-            return self.value if i < int(t * self.tau) else 0.0
-        if self.kind == "linear":
-            return self.value + self.ratio * i
-        if self.kind == "exp":
-            return self.value * self.ratio**i
+        if self.kind != "explicit":
+            return params.schedule_value(self.kind, self.value, self.tau, self.ratio, i, num_inference_steps)
         if i >= len(self.values):
             raise InvalidInputError(
                 f"explicit schedule has {len(self.values)} values but step {i} was requested"
@@ -105,22 +93,17 @@ class Schedule:
         allow_negative: bool = False,
     ) -> None:
         """Check the schedule is usable for a run with ``num_calls`` U-Net calls; raise otherwise."""
-        if self.kind in ("step", "reverse_step") and not (0.0 <= self.tau <= 1.0):
-            raise InvalidInputError(f"tau must be in [0, 1], got {self.tau}", field=field)
-        if self.kind == "explicit" and len(self.values) != num_calls:
-            raise InvalidInputError(
-                f"explicit schedule needs one value per U-Net call ({num_calls}), got {len(self.values)}",
-                field=field,
+        with contract():
+            if self.kind in ("step", "reverse_step"):
+                params.check_fraction(self.tau, f"{field}.tau")
+            if self.kind == "explicit" and len(self.values) != num_calls:
+                raise InvalidInputError(
+                    f"explicit schedule needs one value per U-Net call ({num_calls}), got {len(self.values)}",
+                    field=field,
+                )
+            params.check_schedule_values(
+                lambda i: self(i, num_inference_steps), num_calls, field, allow_negative=allow_negative
             )
-        for i in range(num_calls):
-            try:
-                v = self(i, num_inference_steps)
-            except OverflowError as exc:
-                raise InvalidInputError(f"schedule overflows at step {i}", field=field) from exc
-            if not math.isfinite(v):
-                raise InvalidInputError(f"schedule value at step {i} is not finite ({v})", field=field)
-            if v < 0 and not allow_negative:
-                raise InvalidInputError(f"schedule value at step {i} is negative ({v})", field=field)
 
 
 def as_schedule(value: float | Schedule | Sequence[float], field: str) -> Schedule:
