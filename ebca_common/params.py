@@ -168,6 +168,16 @@ def token_index(key: object, field: str = "energy.token_weights") -> int | None:
     return None
 
 
+def token_key(key: str) -> int | str:
+    """A ``token_weights`` key as ebca_core resolves it: a token index, else the key itself (also an
+    over-long digit string, which :func:`check_token_weight` refuses: converting does not check)."""
+    try:
+        index = token_index(key)
+    except ParameterError:
+        return key
+    return key if index is None else index
+
+
 def check_token_weight(key: object, weight: object, field: str) -> int | str:
     """One ``token_weights`` entry; returns the key as ebca_core resolves it (an index or a word).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -331,6 +331,37 @@ def parse_edit(data: Any) -> InpaintRequest | RealEditRequest | SyntheticEditReq
         return model.model_validate(data)  # type: ignore[return-value]
     except PydanticValidationError as exc:
         raise from_pydantic(exc) from None
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def stored_request(model: type[_Model], data: dict[str, Any]) -> _Model:
+    """A request the api validated and stored, as its model again, without checking it a second time
+    (ebca_core checks the same rules on the worker's side of the queue)."""
+    values: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        nested = _nested_model(info.annotation)
+        if nested is not None and isinstance(value, dict):
+            value = stored_request(nested, value)
+        elif nested is not None and isinstance(value, list):
+            value = [stored_request(nested, v) if isinstance(v, dict) else v for v in value]
+        values[name] = value
+    return model.model_construct(**values)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The request model inside a field's type (``EnergySpec | None``, ``list[EditSpec]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def service_limits(settings: Settings) -> Limits:

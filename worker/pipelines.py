@@ -15,6 +15,7 @@ import torch
 
 from ebca_common.model_defaults import ModelDefaults, defaults_of
 from ebca_common.settings import Settings
+from ebca_common.specs import service_limits
 from ebca_core import ModelNotFoundError, load_pipeline
 
 log = logging.getLogger("ebca.worker")
@@ -41,8 +42,8 @@ class PipelineCache:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self._pipes: OrderedDict[str, Any] = OrderedDict()
-        # The scheduler each model was loaded with: every job starts from it, so a job's result does
-        # not depend on which scheduler the previous job on this worker chose.
+        # The scheduler each model was loaded with. Jobs name theirs per call and leave the pipeline's
+        # alone; handing this one back on every get keeps it that way whatever a job does.
         self._schedulers: dict[str, Any] = {}
         self._defaults: dict[str, ModelDefaults] = {}
         self._lock = threading.Lock()
@@ -72,6 +73,9 @@ class PipelineCache:
                 torch.cuda.empty_cache()
         start = time.perf_counter()
         pipe = load_pipeline(location, device=self.device, dtype=self.dtype)
+        # The REST contract's bounds with this deployment's settings: ebca_core refuses exactly what
+        # the api does (EBCA_MAX_EDITS above ebca_core's own 4, say, must not fail jobs here).
+        pipe.limits = service_limits(self.settings)
         self.load_seconds[model_id] = time.perf_counter() - start
         log.info("loaded model %s from %s in %.2fs", model_id, location, self.load_seconds[model_id])
         self._pipes[model_id] = pipe

@@ -1,19 +1,28 @@
 """Runs one job: claim it in the job store, translate it into ebca_core calls, store the images,
-record the result. The Celery task is a one-line wrapper around :meth:`JobRunner.run`."""
+record the result. The Celery task is a one-line wrapper around :meth:`JobRunner.run`.
+
+The worker checks no request rule: the api checked them before queueing the job, and ebca_core checks
+the same rules (:mod:`ebca_common.params`) again on this side of the queue. Here requests are only
+converted: a table of small handlers, one per job mode, turns the stored request into the arguments of
+one pipeline method.
+"""
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ebca_common import params
 from ebca_common.errors import ServiceError, ValidationFailed
 from ebca_common.images import encode_image, sha256_hex
 from ebca_common.jobs import ImageResult, JobError, JobRecord, JobResult, JobStatus, Progress
@@ -27,7 +36,7 @@ from ebca_common.specs import (
     ImageRef,
     InpaintRequest,
     RealEditRequest,
-    token_weight_key,
+    stored_request,
 )
 from ebca_common.storage import Storage
 from ebca_common.store import JobStore
@@ -58,18 +67,16 @@ class JobCanceled(Exception):
 
 
 def energy_config(spec: EnergySpec | None) -> EnergyConfig | None:
-    """EnergySpec -> ebca_core EnergyConfig; both gammas follow the one schedule (EBCA_SPEC.md schedules)."""
+    """EnergySpec -> ebca_core EnergyConfig: both gammas follow the one schedule (docs/EBCA.md,
+    "Step-size schedules"); token weight keys go as they are (ebca_core reads digit keys as indices)."""
     if spec is None:
         return None
     sched = spec.schedule
-    ratio = sched.ratio if sched.ratio is not None else (1.0 if sched.kind == "exp" else 0.0)
-    weights: dict[int | str, float] = {
-        token_weight_key(key): value for key, value in spec.token_weights.items()
-    }
+    ratio = sched.ratio if sched.ratio is not None else params.default_ratio(sched.kind)
     return EnergyConfig(
         gamma_attn=Schedule.from_kind(sched.kind, spec.gamma_attn, tau=sched.tau, ratio=ratio),
         gamma_norm=Schedule.from_kind(sched.kind, spec.gamma_norm, tau=sched.tau, ratio=ratio),
-        token_weights=weights or None,
+        token_weights={params.token_key(k): v for k, v in spec.token_weights.items()} or None,
     )
 
 
@@ -170,23 +177,14 @@ class JobRunner:
 
     # -- translation into ebca_core calls --------------------------------------------------------------
     def _execute(self, record: JobRecord) -> tuple[JobResult, int]:
-        job_id = record.id
-        mode = record.mode
-        if record.kind == "generate" or mode == "synthetic":
-            # A synthetic edit is its source's generate request re-run with editorial prompts (the api
-            # resolved it into ``plan`` at submission).
-            source = record.plan if mode == "synthetic" and record.plan is not None else record.request
-            request: Any = GenerateRequest.model_validate(source)
-            endpoint = "/generate"
-        elif mode == "inpaint":
-            request = InpaintRequest.model_validate(record.request)
-            endpoint = "/edit"
-        elif mode == "real":
-            request = RealEditRequest.model_validate(record.request)
-            endpoint = "/edit"
-        else:
-            raise ValueError(f"unknown job kind {record.kind!r} / mode {mode!r}")
-
+        job_id, mode_name = record.id, _mode_of(record)
+        mode = MODES.get(mode_name)
+        if mode is None:
+            raise ValueError(f"unknown job kind {record.kind!r} / mode {record.mode!r}")
+        # A synthetic edit is its source's generate request re-run with editorial prompts (the api
+        # resolved it into ``plan`` at submission).
+        stored = record.plan if mode.field == "plan" and record.plan is not None else record.request
+        request: Any = stored_request(mode.model, stored)
         pipe = self.cache.get(request.model)
         # Null sampler settings take the model's defaults; the record then shows the values used.
         request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
@@ -197,68 +195,39 @@ class JobRunner:
         base = request.seed if request.seed is not None else draw_seed(request.num_images)
         seeds = [base + i for i in range(request.num_images)]
         total = request.steps * len(seeds)
-        self.store.resolve_request(job_id, data, total, field="plan" if mode == "synthetic" else "request")
+        self.store.resolve_request(job_id, data, total, field=mode.field)
         report = self._reporter(job_id, total)
         report.stage("loading")
-        common: dict[str, Any] = {
-            "num_inference_steps": request.steps,
-            "guidance_scale": request.guidance_scale,
-            "energy": energy_config(request.energy),
-            "num_images": 1,
-            "output_type": "pil",
-            "callback": report.step,
-            "on_stage": report.stage,
-        }
-        if isinstance(request, GenerateRequest | InpaintRequest):
-            pipe.set_scheduler(request.scheduler)
-        inputs: dict[str, Any] = {}
-        if isinstance(request, InpaintRequest):
-            inputs["image"] = self._load_image(request.image_ref, "image_ref", "RGB")
-            inputs["mask"] = self._load_image(request.mask_ref, "mask_ref", "L")
-        elif isinstance(request, RealEditRequest):
-            inputs["image"] = self._load_image(request.image_ref, "image_ref", "RGB")
+        method, arguments = mode.handler(self, request)
+        run = getattr(pipe, method)
         made: list[Image.Image] = []
         for index, seed in enumerate(seeds):
             report.offset = index * request.steps
-            if isinstance(request, GenerateRequest):
-                out = pipe.generate(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    height=request.height,
-                    width=request.width,
-                    latents=None,
-                    edits=editorial_prompts(request.edits) or None,
-                    seed=seed,
-                    **common,
-                )
-            elif isinstance(request, InpaintRequest):
-                out = pipe.inpaint(
-                    image=inputs["image"],
-                    mask=inputs["mask"],
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    seed=seed,
-                    **common,
-                )
-            else:
-                out = pipe.edit_real(
-                    image=inputs["image"],
-                    source_prompt=request.source_prompt,
-                    edits=editorial_prompts(request.edits),
-                    inversion=InversionConfig(regularize=request.inversion.regularize),
-                    seed=seed,
-                    **common,
-                )
+            out = run(
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                energy=energy_config(request.energy),
+                num_images=1,
+                seed=seed,
+                output_type="pil",
+                callback=report.step,
+                on_stage=report.stage,
+                **arguments,
+            )
             made.append(out.images[0])
-
         report.stage("uploading")
+        return JobResult(images=self._store_images(job_id, made, seeds, data, mode.endpoint)), total
+
+    def _store_images(
+        self, job_id: str, made: list[Image.Image], seeds: list[int], data: dict[str, Any], endpoint: str
+    ) -> list[ImageResult]:
         images = []
+        output_format = data["output_format"]
         for index, (image, seed) in enumerate(zip(made, seeds, strict=True)):
-            payload, content_type = encode_image(image, request.output_format)
-            key = f"jobs/{job_id}/{index}.{request.output_format}"
+            payload, content_type = encode_image(image, output_format)
+            key = f"jobs/{job_id}/{index}.{output_format}"
             # Deterministic keys: a re-run of the job overwrites these objects instead of adding more.
             self.storage.put(key, payload, content_type)
-            settings = {**data, "num_images": 1, "seed": int(seed)}
             images.append(
                 ImageResult(
                     index=index,
@@ -270,21 +239,77 @@ class JobRunner:
                     sha256=sha256_hex(payload),
                     key=key,
                     settings_endpoint=endpoint,
-                    settings=settings,
+                    settings={**data, "num_images": 1, "seed": int(seed)},
                 )
             )
-        return JobResult(images=images), total
+        return images
 
-    def _load_image(self, ref: ImageRef | None, field: str, mode: str) -> Image.Image:
+    def input_bytes(self, ref: ImageRef | None, field: str) -> bytes:
+        """The stored bytes of an input image: ebca_core decodes, bounds and converts them (the same
+        intake as the api's uploads)."""
         if ref is None:
             raise ValidationFailed(f"{field}: missing", field=field)
-        key = resolve_ref(self.store, ref, field)
-        image = Image.open(io.BytesIO(self.storage.get(key)))
-        image.load()
-        return image.convert(mode)
+        return self.storage.get(resolve_ref(self.store, ref, field))
 
     def _reporter(self, job_id: str, total: int) -> _Reporter:
         return _Reporter(self.store, job_id, total)
+
+
+# -- one small handler per job mode: the request's task-specific arguments of one pipeline method -----
+Handler = Callable[[JobRunner, Any], tuple[str, dict[str, Any]]]
+
+
+def _generate(runner: JobRunner, request: GenerateRequest) -> tuple[str, dict[str, Any]]:
+    return "generate", {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "height": request.height,
+        "width": request.width,
+        "edits": editorial_prompts(request.edits) or None,
+        "scheduler": request.scheduler,  # per call: the cached pipeline's own scheduler is left alone
+    }
+
+
+def _inpaint(runner: JobRunner, request: InpaintRequest) -> tuple[str, dict[str, Any]]:
+    return "inpaint", {
+        "image": runner.input_bytes(request.image_ref, "image_ref"),
+        "mask": runner.input_bytes(request.mask_ref, "mask_ref"),
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "scheduler": request.scheduler,
+    }
+
+
+def _real_edit(runner: JobRunner, request: RealEditRequest) -> tuple[str, dict[str, Any]]:
+    return "edit_real", {  # always DDIM (docs/EBCA.md, "Tasks")
+        "image": runner.input_bytes(request.image_ref, "image_ref"),
+        "source_prompt": request.source_prompt,
+        "edits": editorial_prompts(request.edits),
+        "inversion": InversionConfig(regularize=request.inversion.regularize),
+    }
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a job mode runs: its stored request's model, the record field holding it, the endpoint an
+    image's settings replay through, and its handler."""
+
+    model: type[BaseModel]
+    field: str
+    endpoint: str
+    handler: Handler
+
+
+MODES: dict[str, Mode] = {
+    "generate": Mode(GenerateRequest, "request", "/generate", _generate),
+    "synthetic": Mode(GenerateRequest, "plan", "/generate", _generate),
+    "inpaint": Mode(InpaintRequest, "request", "/edit", _inpaint),
+    "real": Mode(RealEditRequest, "request", "/edit", _real_edit),
+}
+
+
+def _mode_of(record: JobRecord) -> str:
+    return "generate" if record.kind == "generate" else str(record.mode)
 
 
 class _Reporter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from celery import Task
@@ -22,7 +23,13 @@ def _cache() -> PipelineCache:
 
 
 def runner() -> JobRunner:
-    """One runner per process; its pipeline cache outlives the jobs."""
+    """One runner per process: its Redis client, storage and pipeline cache outlive the jobs."""
+    return _runner(os.getpid())
+
+
+@lru_cache(maxsize=1)
+def _runner(pid: int) -> JobRunner:
+    # Keyed by the process id: a prefork child builds its own instead of using a parent's clients.
     return JobRunner(
         JobStore.from_settings(settings), storage_from_settings(settings), _cache(), process_id()
     )

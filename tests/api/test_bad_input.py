@@ -289,3 +289,16 @@ def test_idempotency_key_whose_job_expired_is_free_again(api: Api) -> None:
     assert replay.status_code == 200 and replay.json()["id"] == retry.json()["id"]
     other = api.client.post("/generate", json={"prompt": "a dog"}, headers={"Idempotency-Key": "k1"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+
+
+# -- blank prompts (issue 12: inpaint prompt and source_prompt passed the api, then failed the job) -------
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({**INPAINT, "prompt": "  "}, "prompt"), ({**REAL, "source_prompt": " \n\t"}, "source_prompt")],
+)
+def test_blank_inpaint_prompt_and_source_prompt_are_422(api: Api, body: dict, field: str) -> None:
+    files = {"image": ("i.png", image_bytes(), "image/png"), "mask": ("m.png", mask_bytes(), "image/png")}
+    if body["mode"] == "real":
+        del files["mask"]
+    response = api.client.post("/edit", data={"request": json.dumps(body)}, files=files)
+    api.assert_refused(response, 422, "validation_error", field)

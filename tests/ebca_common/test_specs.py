@@ -114,3 +114,35 @@ def test_bad_models_setting_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("EBCA_MODELS", "not json")
     with pytest.raises(ValueError, match="EBCA_MODELS"):
         Settings()
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n "])
+@pytest.mark.parametrize(
+    ("parse", "body", "field"),
+    [
+        (parse_generate, {"prompt": "{}"}, "prompt"),
+        (parse_generate, {"prompt": "a cat", "edits": [{"prompt": "{}"}]}, "edits[0].prompt"),
+        # Issue 12: these two passed the api and failed the job in the worker.
+        (parse_edit, {"mode": "inpaint", "prompt": "{}"}, "prompt"),
+        (
+            parse_edit,
+            {"mode": "real", "source_prompt": "{}", "edits": [{"prompt": "a dog"}]},
+            "source_prompt",
+        ),
+        (
+            parse_edit,
+            {"mode": "synthetic", "source_job_id": "j", "edits": [{"prompt": "{}"}]},
+            "edits[0].prompt",
+        ),
+    ],
+)
+def test_blank_prompts_are_refused_in_every_mode(parse, body: dict, field: str, blank: str) -> None:
+    def fill(value):
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return blank if value == "{}" else value
+
+    err = error_of(parse, fill(body))
+    assert err.field == field and err.status_code == 422

@@ -20,3 +20,12 @@ def test_task_is_registered_under_the_shared_name() -> None:
 
     task = app.tasks[RUN_JOB_TASK]
     assert task.acks_late and task.reject_on_worker_lost
+
+
+def test_one_runner_per_process_with_its_clients() -> None:
+    """runner() builds the Redis client, storage and pipeline cache once per process, not per job."""
+    from worker import tasks
+
+    first = tasks.runner()
+    assert tasks.runner() is first
+    assert first.store is tasks.runner().store and first.storage is tasks.runner().storage

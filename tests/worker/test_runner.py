@@ -219,3 +219,50 @@ def test_null_steps_run_the_models_own_defaults(settings: Settings) -> None:
     used = {"steps": 20, "guidance_scale": 5.0, "scheduler": "ddim", "width": 32, "height": 32}
     assert {k: done.request[k] for k in used} == used
     assert {k: done.result.images[0].settings[k] for k in used} == used
+
+
+def test_a_job_names_its_scheduler_per_call(runner: JobRunner, store: SpyStore, settings: Settings) -> None:
+    """The worker passes scheduler= to ebca_core; the cached pipeline's own scheduler is never swapped."""
+    pipe = runner.cache.get(settings.default_model_id)
+    own = pipe.scheduler
+    seen: list[str] = []
+    real = pipe.check_inputs
+
+    def spy(task: str, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("scheduler"))
+        inputs = real(task, **kwargs)
+        seen.append(type(inputs.scheduler).__name__)
+        return inputs
+
+    pipe.check_inputs = spy  # type: ignore[method-assign]
+    assert runner.run(submit(store, settings, scheduler="euler")) == "succeeded"
+    assert seen == ["euler", "EulerDiscreteScheduler"]
+    assert pipe.scheduler is own
+
+
+def test_a_real_image_edit_runs_from_the_stored_upload(
+    runner: JobRunner, store: SpyStore, settings: Settings
+) -> None:
+    """The worker hands ebca_core the stored bytes; ebca_core's intake (the api's too) decodes them."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
+    key = "jobs/src/inputs/image.png"
+    runner.storage.put(key, buf.getvalue(), "image/png")
+    data = {
+        "mode": "real",
+        "source_prompt": "a red circle",
+        "edits": [{"prompt": "a blue square"}],
+        "steps": 2,
+        "seed": 1,
+        "model": settings.default_model_id,
+        "image_ref": {"job_id": "src", "index": 0, "input": "image"},
+    }
+    job, _ = store.create(
+        kind="edit", mode="real", request=data, total_steps=2, inputs={"image": key}, job_id="src"
+    )
+    assert runner.run(job.id) == "succeeded", store.get(job.id).error
+    assert store.get(job.id).result.images[0].settings["source_prompt"] == "a red circle"
