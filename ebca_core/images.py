@@ -28,18 +28,20 @@ def load_image(
     value: ImageInput, field: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> PIL.Image.Image:
     """Decode ``value`` into an RGB image; alpha is dropped (composited on black by PIL's convert)."""
-    with contract():
-        image, _ = intake.open_image(value, field, max_pixels)
-        return intake.convert(image, "RGB", field)
+    return _load(value, field, max_pixels, "RGB")
 
 
 def load_mask_image(
     value: ImageInput, field: str = "mask", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> PIL.Image.Image:
     """Decode ``value`` into a grayscale (``"L"``) mask image."""
+    return _load(value, field, max_pixels, "L")
+
+
+def _load(value: ImageInput, field: str, max_pixels: int, mode: str) -> PIL.Image.Image:
     with contract():
         image, _ = intake.open_image(value, field, max_pixels)
-        return intake.convert(image, "L", field)
+        return intake.convert(image, mode, field)
 
 
 def load_mask(

@@ -56,6 +56,19 @@ class EBCAOutput:
     energy_trace: list[dict[str, Any]] = field(default_factory=list)
 
 
+class _Limit:
+    """A pipeline attribute that reads and writes one field of the pipeline's ``limits``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, pipe: Any, owner: type | None = None) -> Any:
+        return self if pipe is None else getattr(pipe.limits, self.name)
+
+    def __set__(self, pipe: Any, value: int) -> None:
+        pipe.limits = dataclasses.replace(pipe.limits, **{self.name: value})
+
+
 class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
     """Stable Diffusion with energy-based cross-attention. Build one with :func:`load_pipeline`.
 
@@ -66,6 +79,10 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
     ``None`` = a source prompt is required); ``inversion_cache_size`` (inverted latents kept for
     :meth:`edit_real`).
     """
+
+    #: Most editorial prompts per call, and the largest input image or mask (fields of ``limits``).
+    max_edits = _Limit()
+    max_image_pixels = _Limit()
 
     def __init__(
         self,
@@ -104,24 +121,6 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         return module.eval()
 
     # --- properties -------------------------------------------------------------------------------
-    @property
-    def max_edits(self) -> int:
-        """Most editorial prompts per call (``limits.max_edits``)."""
-        return self.limits.max_edits
-
-    @max_edits.setter
-    def max_edits(self, value: int) -> None:
-        self.limits = dataclasses.replace(self.limits, max_edits=value)
-
-    @property
-    def max_image_pixels(self) -> int:
-        """Largest input image or mask, in pixels (``limits.max_image_pixels``)."""
-        return self.limits.max_image_pixels
-
-    @max_image_pixels.setter
-    def max_image_pixels(self, value: int) -> None:
-        self.limits = dataclasses.replace(self.limits, max_image_pixels=value)
-
     @property
     def is_inpainting(self) -> bool:
         """A 9-channel U-Net (noisy latents + mask + masked-image latents): SD-inpainting layout."""
@@ -248,27 +247,7 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         for this call only. ``callback(step, total, latents)`` runs after every denoising step (steps
         1..total) and may raise to abort; ``on_stage`` receives "denoising" then "decoding".
         """
-        inputs = self.check_inputs(
-            "generate",
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            num_images=num_images,
-            seed=seed,
-            latents=latents,
-            energy=energy,
-            edits=edits,
-            output_type=output_type,
-            callback=callback,
-            on_stage=on_stage,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            scheduler=scheduler,
-            record_energy=record_energy,
-        )
+        inputs = self.check_inputs("generate", **_arguments(locals()))
         return self._run(inputs)
 
     def edit_real(
@@ -293,21 +272,7 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         the pipeline is set to. Inverted latents are cached per (image pixels, model, prompt, steps,
         inversion settings), so editing the same image again skips the inversion.
         """
-        inputs = self.check_inputs(
-            "edit_real",
-            image=image,
-            source_prompt=source_prompt,
-            edits=edits,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            energy=energy,
-            inversion=inversion,
-            num_images=num_images,
-            seed=seed,
-            output_type=output_type,
-            callback=callback,
-            on_stage=on_stage,
-        )
+        inputs = self.check_inputs("edit_real", **_arguments(locals()))
         return self._run(inputs)
 
     def inpaint(
@@ -336,22 +301,7 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         term (docs/EBCA.md, "Masked BCU"), and the returned pixels outside the mask are exactly the
         input's.
         """
-        inputs = self.check_inputs(
-            "inpaint",
-            image=image,
-            mask=mask,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            energy=energy,
-            num_images=num_images,
-            seed=seed,
-            output_type=output_type,
-            callback=callback,
-            on_stage=on_stage,
-            scheduler=scheduler,
-        )
+        inputs = self.check_inputs("inpaint", **_arguments(locals()))
         return self._run(inputs)
 
     # --- the skeleton shared by the tasks ----------------------------------------------------------
@@ -436,6 +386,11 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         with torch.no_grad():
             decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return tensor_to_numpy(decoded)
+
+
+def _arguments(values: dict[str, Any]) -> dict[str, Any]:
+    """A task method's arguments (its ``locals()`` on entry, before any other name) for check_inputs."""
+    return {name: value for name, value in values.items() if name != "self"}
 
 
 def _seeds(seed: int | None, num_images: int) -> list[int]:

@@ -81,18 +81,8 @@ def energy_config(spec: EnergySpec | None) -> EnergyConfig | None:
 
 
 def editorial_prompts(edits: list[EditSpec]) -> list[EditorialPrompt]:
-    return [
-        EditorialPrompt(
-            prompt=e.prompt,
-            alpha=e.alpha,
-            direction=e.direction,
-            alpha_tau=e.alpha_tau,
-            gamma_attn=e.gamma_attn,
-            gamma_norm=e.gamma_norm,
-            gamma_tau=e.gamma_tau,
-        )
-        for e in edits
-    ]
+    """EditSpec -> EditorialPrompt: the same fields, by the same names."""
+    return [EditorialPrompt(**e.model_dump()) for e in edits]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
