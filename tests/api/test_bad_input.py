@@ -255,7 +255,9 @@ def test_reference_to_an_image_no_longer_stored_is_422(api: Api) -> None:
     api.store.begin(job_id, "w")
     image = {"index": 0, "key": f"jobs/{job_id}/0.png", "content_type": "image/png", "url": "", "seed": 1}
     image |= {"width": 16, "height": 16, "sha256": "", "settings_endpoint": "/generate", "settings": {}}
-    api.store.finish(job_id, JobStatus.SUCCEEDED, result={"images": [image]})  # the file was never written
+    api.store.finish(
+        job_id, JobStatus.SUCCEEDED, lease="w", result={"images": [image]}
+    )  # the file was never written
     api.queue.sent.clear()
     before = api.store.job_count()
     response = api.client.post("/edit", json={**REAL, "image_ref": {"job_id": job_id, "index": 0}})
@@ -289,3 +291,16 @@ def test_idempotency_key_whose_job_expired_is_free_again(api: Api) -> None:
     assert replay.status_code == 200 and replay.json()["id"] == retry.json()["id"]
     other = api.client.post("/generate", json={"prompt": "a dog"}, headers={"Idempotency-Key": "k1"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+
+
+@pytest.mark.parametrize("value", [0, -5, 3601, 10**9, 1.5, "60", True])
+@pytest.mark.parametrize("path", ["/generate", "/edit"])
+def test_timeout_seconds_out_of_range_is_422_naming_it(api: Api, path: str, value: Any) -> None:
+    body = {"prompt": "x"} if path == "/generate" else {"mode": "synthetic", "source_job_id": "j",
+                                                        "edits": [{"prompt": "d"}]}  # fmt: skip
+    api.assert_refused(
+        api.client.post(path, json={**body, "timeout_seconds": value}),
+        422,
+        "validation_error",
+        "timeout_seconds",
+    )

@@ -20,3 +20,15 @@ def test_task_is_registered_under_the_shared_name() -> None:
 
     task = app.tasks[RUN_JOB_TASK]
     assert task.acks_late and task.reject_on_worker_lost
+
+
+def test_heartbeat_reports_the_jobs_held_and_a_warm_shutdown() -> None:
+    from worker.celery_app import Heartbeat
+
+    beat = Heartbeat()
+    with beat.holding("a"), beat.holding("b"):
+        assert beat.jobs() == {"a", "b"}
+    assert beat.jobs() == set()
+    assert not beat.stopping
+    beat.shut_down()  # what the SIGTERM handler calls: running jobs are handed back at their next step
+    assert beat.stopping
