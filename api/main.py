@@ -8,6 +8,8 @@ worker, so the api image is small and starts fast; tests/api checks that in a su
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,10 +20,12 @@ from api.errors import install_error_handlers
 from api.metrics import build_registry
 from api.openapi import build_openapi
 from api.routers import jobs, service, submit
-from api.service import CeleryPublisher, JobService, Publisher
+from api.service import JobService, Publisher
+from ebca_common.queueing import CeleryPublisher
 from ebca_common.settings import Settings, get_settings
 from ebca_common.storage import Storage, storage_from_settings
 from ebca_common.store import JobStore
+from ebca_common.sweep import Sweeper
 
 
 def create_app(
@@ -29,14 +33,27 @@ def create_app(
     store: JobStore | None = None,
     storage: Storage | None = None,
     publisher: Publisher | None = None,
+    sweep: bool = False,
 ) -> FastAPI:
+    """The app; ``sweep`` runs crash recovery in this process while it serves (ebca_common/sweep.py:
+    the served app does, in-process test apps do not)."""
     settings = settings or get_settings()
     store = store or JobStore.from_settings(settings)
     storage = storage or storage_from_settings(settings)
     publisher = publisher or CeleryPublisher(settings)
     registry, http_requests = build_registry(store)
+    sweeper = Sweeper(settings, publisher, store) if sweep else None  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if sweeper is not None:
+            sweeper.start()
+        yield
+        if sweeper is not None:
+            sweeper.stop()
 
     app = FastAPI(
+        lifespan=lifespan,
         title="EBCA Serve",
         version="0.1.0",
         description="Text-to-image generation and editing with energy-based cross-attention. "
@@ -65,4 +82,4 @@ def create_app(
     return app
 
 
-app = create_app()
+app = create_app(sweep=True)

@@ -5,6 +5,7 @@ Everything here is synchronous (Redis and boto3 clients); the FastAPI handlers r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -12,14 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from celery import Celery
-from kombu.exceptions import OperationalError
 from PIL import Image
 
 from ebca_common.errors import ObjectNotFound, Unavailable, ValidationFailed
 from ebca_common.images import check_image_size, check_mask, decode_image
 from ebca_common.jobs import Job, JobStatus
-from ebca_common.queueing import RUN_JOB_TASK, celery_config
 from ebca_common.refs import resolve_ref
 from ebca_common.settings import Settings
 from ebca_common.specs import (
@@ -38,24 +36,9 @@ from ebca_common.store import JobStore
 
 
 class Publisher(Protocol):
+    """Hands a job id to the workers (ebca_common.queueing.CeleryPublisher; tests use fakes)."""
+
     def publish(self, job_id: str) -> None: ...
-
-
-class CeleryPublisher:
-    """Sends the job id to the worker queue by task name (the api never imports the worker)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app = Celery("ebca-api", set_as_current=False)
-        self.app.conf.update(celery_config(settings))
-
-    def publish(self, job_id: str) -> None:
-        try:
-            self.app.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue, retry=False)
-        except OperationalError as exc:
-            raise Unavailable(
-                f"the job queue is unreachable: {exc}", retry_after=self.settings.retry_after_seconds
-            ) from exc
 
 
 @dataclass
@@ -121,6 +104,7 @@ class JobService:
         the creation fails, the job is removed again: a client never sees a job that cannot run, and
         nothing is written for a request that is refused (Redis down: nothing at all)."""
         idempotency = (idempotency_key, fp) if idempotency_key else None
+        request["timeout_seconds"] = self._timeout(request.get("timeout_seconds"))
         job, created = self.store.create(
             kind=kind,
             mode=mode,
@@ -130,6 +114,7 @@ class JobService:
             inputs=inputs,
             job_id=job_id,
             idempotency=idempotency,
+            timeout_seconds=request["timeout_seconds"],
         )
         if created:
             try:
@@ -145,7 +130,13 @@ class JobService:
                     except Exception:  # best effort: the refusal below is what the client needs
                         pass
                 raise
+            with contextlib.suppress(Unavailable):  # the grace just runs from the creation instead
+                self.store.mark_published(job.id)
         return Submission(job, created)
+
+    def _timeout(self, value: int | None) -> int:
+        """A request's timeout_seconds (validated by specs.check_limits), EBCA_JOB_TIMEOUT_SECONDS if none."""
+        return self.settings.job_timeout_seconds if value is None else value
 
     def _replay(self, idempotency_key: str | None, fp: str) -> Submission | None:
         """Answer a retried request before doing any work (uploads) for it."""
@@ -280,6 +271,7 @@ class JobService:
         plan_data["seed"] = source.result.images[0].seed
         plan_data["edits"] = [edit.model_dump(mode="json") for edit in request.edits]
         plan_data["output_format"] = request.output_format or source.request["output_format"]
+        plan_data["timeout_seconds"] = self._timeout(request.timeout_seconds)
         plan = parse_generate(plan_data)
         check_limits(plan, self.settings)
         data = request.model_dump(mode="json")

@@ -6,6 +6,7 @@ updates it, and :meth:`JobRecord.view` derives the public :class:`Job` from it.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -30,12 +31,23 @@ Stage = Literal["queued", "loading", "inverting", "denoising", "decoding", "uplo
 JobKind = Literal["generate", "edit"]
 EditMode = Literal["inpaint", "real", "synthetic"]
 #: Stable failure codes of a job (docs/API.md, "error").
-JobErrorCode = Literal["model_not_found", "out_of_memory", "invalid_input", "worker_lost", "internal_error"]
+JobErrorCode = Literal[
+    "model_not_found", "out_of_memory", "invalid_input", "worker_lost", "timeout", "internal_error"
+]
+
+
+def iso_utc(timestamp: float) -> str:
+    """A unix time as ISO 8601 UTC with a Z, to the millisecond (every timestamp of a job)."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def utcnow() -> str:
-    """Timestamps as ISO 8601 UTC with a Z, to the millisecond."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(time.time())
+
+
+def unix_time(iso: str) -> float:
+    """The unix time of an :func:`iso_utc` timestamp."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 class Progress(BaseModel):
@@ -86,6 +98,9 @@ class Job(BaseModel):
     created_at: str = Field(..., description="When the api accepted the job (ISO 8601, UTC).")
     started_at: str | None = Field(None, description="When the latest attempt started on a worker.")
     finished_at: str | None = Field(None, description="When the job reached its final status.")
+    deadline_at: str | None = Field(
+        None, description="created_at + timeout_seconds: a job not done by then fails with code timeout."
+    )
     request: dict[str, Any] = Field(..., description="The validated request, defaults filled in.")
     result: JobResult | None = Field(None, description="The images, once succeeded.")
     error: JobError | None = Field(None, description="Why it failed, once failed.")
@@ -125,8 +140,20 @@ class JobRecord(BaseModel):
     #: The worker process (``host:pid``) running or last running the job; it holds the job while its
     #: heartbeat in ``{p}:workers`` is fresh.
     lease: str | None = None
-    #: When the job stops counting as worth running (ISO 8601 UTC); None = no deadline.
+    #: created_at + the request's timeout_seconds (ISO 8601 UTC); None for records made before deadlines.
     deadline_at: str | None = None
+
+    def past_deadline(self, now: float) -> bool:
+        """Whether the job's time is up at unix time ``now`` (the one deadline rule: store and worker)."""
+        return self.deadline_at is not None and now >= unix_time(self.deadline_at)
+
+    def timeout_error(self) -> JobError:
+        seconds = self.request.get("timeout_seconds")
+        where = "running" if self.status == JobStatus.RUNNING else "still queued"
+        return JobError(
+            code="timeout",
+            message=f"the job was {where} at its deadline {self.deadline_at} (timeout_seconds={seconds})",
+        )
 
     def view(self, queue_position: int | None) -> Job:
         """The public document of this job (``queue_position`` from the queue, for a queued job)."""
@@ -143,6 +170,7 @@ class JobRecord(BaseModel):
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
+            deadline_at=self.deadline_at,
             request=self.request,
             result=self.result,
             error=self.error,

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The repository root: relative paths in settings are resolved against it, so the api and the worker
@@ -93,13 +93,24 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `celery worker`.")
     max_cached_models: int = Field(2, ge=1, description="Pipelines a worker process keeps loaded (LRU).")
     visibility_timeout: float = Field(
-        3600.0, gt=0, description="Seconds before an unacknowledged job is redelivered (Redis broker)."
+        3600.0,
+        gt=0,
+        description="Seconds before the Redis broker redelivers an unacknowledged message. Crash "
+        "recovery does not wait for it (leases, docs/DEPLOY.md); keep it longer than the longest job.",
     )
     restore_interval: float = Field(
         10.0, gt=0, description="How often a worker looks for unacknowledged jobs to redeliver."
     )
     heartbeat_seconds: float = Field(2.0, gt=0, description="Worker heartbeat period.")
     heartbeat_ttl: float = Field(10.0, gt=0, description="A worker silent this long counts as dead.")
+    republish_grace_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A job queued this long whose broker message is gone is published again (longer "
+        "than the api takes to store a request's uploads).",
+    )
+    job_timeout_seconds: int = Field(900, ge=1, description="timeout_seconds of a request that gives none.")
+    max_job_seconds: int = Field(3600, ge=1, description="Largest timeout_seconds a request may give.")
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Finished job records expire after.")
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=60, description="Idempotency keys expire after.")
 
@@ -114,6 +125,15 @@ class Settings(BaseSettings):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"EBCA_MODELS must be a JSON object: {exc}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Settings:
+        if self.job_timeout_seconds > self.max_job_seconds:
+            raise ValueError(
+                f"EBCA_JOB_TIMEOUT_SECONDS ({self.job_timeout_seconds}) is over "
+                f"EBCA_MAX_JOB_SECONDS ({self.max_job_seconds})"
+            )
+        return self
 
     @property
     def storage_is_s3(self) -> bool:

@@ -134,6 +134,15 @@ class InversionSpec(_Strict):
     regularize: bool = Field(False, description="pix2pix-zero noise regularisation during DDIM inversion.")
 
 
+def _timeout_field() -> Any:
+    return Field(
+        None,
+        ge=1,
+        description="Seconds from submission until the job fails with code timeout if it is not done "
+        "(queued or running), 1..EBCA_MAX_JOB_SECONDS; null = EBCA_JOB_TIMEOUT_SECONDS (900).",
+    )
+
+
 def _size_field(name: str) -> Any:
     return Field(
         None,
@@ -164,6 +173,7 @@ class _Common(_Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; null = drawn.")
     output_format: OutputFormat = Field("png", description="Encoding of the result images.")
     energy: EnergySpec | None = Field(None, description="BCU on the main prompt; null = off.")
+    timeout_seconds: int | None = _timeout_field()
 
 
 class GenerateRequest(_Common):
@@ -209,6 +219,7 @@ class SyntheticEditRequest(_Strict):
     source_job_id: str = Field(..., min_length=1, max_length=64, description="A succeeded generate job.")
     edits: list[EditSpec] = Field(..., min_length=1, description="Editorial prompts (at least one).")
     output_format: OutputFormat | None = Field(None, description="null = the source job's format.")
+    timeout_seconds: int | None = _timeout_field()
 
 
 EditRequest = Annotated[InpaintRequest | RealEditRequest | SyntheticEditRequest, Field(discriminator="mode")]
@@ -432,6 +443,13 @@ def check_energy_schedule(energy: EnergySpec | None, steps: int | None, schedule
 def check_limits(request: BaseModel, settings: Settings) -> None:
     """The rules that depend on configuration or on more than one field; raise ValidationFailed."""
     limits = service_limits(settings)
+    timeout = getattr(request, "timeout_seconds", None)
+    if timeout is not None and timeout > settings.max_job_seconds:
+        raise ValidationFailed(
+            f"timeout_seconds: at most {settings.max_job_seconds} seconds (EBCA_MAX_JOB_SECONDS), "
+            f"got {timeout}",
+            field="timeout_seconds",
+        )
     num_images = getattr(request, "num_images", None)
     if num_images is not None and num_images > settings.max_images:
         raise ValidationFailed(

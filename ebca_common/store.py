@@ -1,4 +1,4 @@
-"""The Redis job store: job records, queue order, idempotency keys, cancel flags, attempts, heartbeats.
+"""The Redis job store: job records, queue order, idempotency keys, cancel flags, leases, deadlines.
 
 Layout (``{p}`` = EBCA_KEY_PREFIX):
 - ``{p}:job:{id}``     hash, one JSON value per field of the :class:`~ebca_common.jobs.JobRecord` (so
@@ -6,21 +6,32 @@ Layout (``{p}`` = EBCA_KEY_PREFIX):
 - ``{p}:queue``        sorted set of queued job ids by submission sequence (queue_position = rank)
 - ``{p}:seq``          counter giving that sequence
 - ``{p}:running``      set of running job ids
+- ``{p}:deadlines``    sorted set job id -> deadline (unix seconds) of jobs not yet finished
+- ``{p}:published``    sorted set job id -> when its broker message was last published or seen (queued jobs)
 - ``{p}:idem:{key}``   JSON {fingerprint, job_id} of an Idempotency-Key
 - ``{p}:workers``      sorted set worker id -> last heartbeat (unix seconds)
+- ``{p}:holds:{worker}`` set of the job ids that worker process reports running (its heartbeat rewrites it)
+- ``{p}:draining:{worker}`` present while that worker process is shutting down
 - ``{p}:stats``        hash status -> number of jobs that reached it (Prometheus counters)
 - ``{p}:hist:{name}``  hash of histogram buckets, sum and count (job and step durations)
 - ``{p}:models``       hash model id -> JSON defaults, published by the workers that serve it
 
-State changes that race (cancel vs start, two deliveries of one job) run in WATCH/MULTI transactions.
+State changes that race (cancel vs start, two deliveries of one job, two sweeps) run in WATCH/MULTI
+transactions on the job's hash; per-step progress is a Lua script that writes only for the lease holder.
+
+Leases (docs/DEPLOY.md, "Crash recovery"): a running job belongs to the worker process named by its
+``lease`` while that process's heartbeat is younger than EBCA_HEARTBEAT_TTL and it lists the job in its
+``holds``. :meth:`JobStore.sweep` puts jobs whose lease has lapsed back in line, ends jobs past their
+deadline and re-publishes queued jobs whose broker message is gone; the broker only delivers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,8 +43,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited, Unavailable
-from ebca_common.jobs import Job, JobError, JobRecord, JobResult, JobStatus, Progress, utcnow
+from ebca_common.jobs import Job, JobError, JobRecord, JobResult, JobStatus, Progress, iso_utc
+from ebca_common.queueing import queued_job_ids
 from ebca_common.settings import Settings
+
+log = logging.getLogger("ebca.store")
 
 #: Histogram buckets in seconds (jobs take seconds to minutes; steps take milliseconds to seconds).
 HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
@@ -47,7 +61,25 @@ _FIELDS: dict[str, TypeAdapter[Any]] = {
     name: TypeAdapter(info.annotation) for name, info in JobRecord.model_fields.items()
 }
 
-BeginOutcome = Literal["run", "missing", "terminal", "duplicate", "exhausted", "canceled"]
+BeginOutcome = Literal["run", "missing", "terminal", "duplicate", "exhausted", "canceled", "timeout"]
+#: What the sweep did with one job.
+SettleOutcome = Literal["kept", "gone", "requeued", "exhausted", "canceled", "timeout"]
+#: What a worker should do after reporting a step: go on, stop for a cancel, or stop because the job is
+#: no longer its own (the sweep gave it to another worker, or ended it).
+StepVerdict = Literal["run", "cancel", "lost"]
+
+#: Seconds between two scans of the broker for lost messages (by any worker: a Redis lock).
+BROKER_SCAN_SECONDS = 5.0
+
+#: Progress of a running job, written only while the caller holds its lease (one round trip per step).
+#: KEYS[1] the job hash; ARGV: encoded "running", encoded lease, encoded progress, encoded true.
+_PROGRESS_SCRIPT = """
+local v = redis.call('HMGET', KEYS[1], 'status', 'lease', 'cancel_requested')
+if v[1] ~= ARGV[1] or v[2] ~= ARGV[2] then return 'lost' end
+redis.call('HSET', KEYS[1], 'progress', ARGV[3])
+if v[3] == ARGV[4] then return 'cancel' end
+return 'run'
+"""
 
 
 @dataclass
@@ -56,6 +88,15 @@ class Begin:
 
     outcome: BeginOutcome
     record: JobRecord | None = None
+
+
+@dataclass(frozen=True)
+class _End:
+    """How a job that must not run (again) ends."""
+
+    outcome: Literal["exhausted", "canceled", "timeout"]
+    status: JobStatus
+    error: JobError | None = None
 
 
 @contextmanager
@@ -72,6 +113,9 @@ class JobStore:
         self.r = client
         self.settings = settings
         self.p = settings.key_prefix
+        self._progress_script = client.register_script(_PROGRESS_SCRIPT)
+        #: How long traces of a silent worker (heartbeat, holds, draining mark) are kept.
+        self._worker_retention = int(100 * settings.heartbeat_ttl) + 1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -164,8 +208,10 @@ class JobStore:
         inputs: dict[str, str] | None = None,
         job_id: str | None = None,
         idempotency: tuple[str, str] | None = None,
+        timeout_seconds: int | None = None,
     ) -> tuple[Job, bool]:
-        """Create a queued job; return (job, created). ``idempotency`` is (key, body fingerprint).
+        """Create a queued job; return (job, created). ``idempotency`` is (key, body fingerprint);
+        ``timeout_seconds`` sets ``deadline_at`` from now.
 
         With an Idempotency-Key already used: the same fingerprint returns the existing job (created
         False), another fingerprint raises :class:`IdempotencyConflict`.
@@ -188,6 +234,8 @@ class JobStore:
                             retry_after=self.settings.retry_after_seconds,
                         )
                     seq = int(self.r.incr(self.k("seq")))
+                    now = time.time()
+                    deadline = None if timeout_seconds is None else now + timeout_seconds
                     record = JobRecord(
                         id=job_id,
                         kind=kind,  # type: ignore[arg-type]
@@ -195,7 +243,8 @@ class JobStore:
                         status=JobStatus.QUEUED,
                         progress=Progress(stage="queued", step=0, total=total_steps),
                         seq=seq,
-                        created_at=utcnow(),
+                        created_at=iso_utc(now),
+                        deadline_at=None if deadline is None else iso_utc(deadline),
                         request=request,
                         plan=plan,
                         inputs=inputs or {},
@@ -210,11 +259,20 @@ class JobStore:
                         )
                     pipe.hset(self.job_key(job_id), mapping=self._encode(dict(record)))
                     pipe.zadd(self.k("queue"), {job_id: seq})
+                    # Its message is due from now: the sweep looks for it in the broker after the grace.
+                    pipe.zadd(self.k("published"), {job_id: now})
+                    if deadline is not None:
+                        pipe.zadd(self.k("deadlines"), {job_id: deadline})
                     pipe.hincrby(self.k("stats"), JobStatus.QUEUED.value, 1)
                     pipe.execute()
                     return self.view(record), True
                 except WatchError:
                     continue
+
+    def mark_published(self, job_id: str) -> None:
+        """The job's message was just published (restarts its grace before the broker is searched)."""
+        with redis_errors():
+            self.r.zadd(self.k("published"), {job_id: time.time()}, xx=True)
 
     def lookup_idempotent(self, key: str, fingerprint: str) -> Job | None:
         """The job an Idempotency-Key already made (same fingerprint), None if unused; 409 otherwise."""
@@ -239,53 +297,21 @@ class JobStore:
         """Remove a job that was never handed to the queue (the broker refused it)."""
         with redis_errors(), self.r.pipeline() as pipe:
             pipe.delete(self.job_key(job_id))
-            pipe.zrem(self.k("queue"), job_id)
+            self._unindex(pipe, job_id)
             pipe.hincrby(self.k("stats"), JobStatus.QUEUED.value, -1)
             if idempotency_key:
                 pipe.delete(self.k("idem", idempotency_key))
             pipe.execute()
 
-    # -- cancel ----------------------------------------------------------------------------------------
-    def cancel(self, job_id: str) -> Job:
-        """Queued: canceled now. Running: flag it (the worker stops at the next step). Else 409."""
-        key = self.job_key(job_id)
-        with redis_errors(), self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hget(key, "status")
-                    if raw is None:
-                        pipe.unwatch()
-                        raise NotFound(f"job {job_id!r} not found")
-                    status = self._decode_field("status", raw)
-                    if status.terminal:
-                        pipe.unwatch()
-                        raise Conflict(f"job {job_id!r} already finished ({status.value}); nothing to cancel")
-                    pipe.multi()
-                    pipe.hset(key, mapping=self._encode({"cancel_requested": True}))
-                    if status == JobStatus.QUEUED:
-                        # Never started: canceled at once; its queue message is dropped on delivery.
-                        self._finish_fields(pipe, job_id, JobStatus.CANCELED)
-                    pipe.execute()
-                    break
-                except WatchError:
-                    continue
-        return self.get(job_id)
+    # -- transactions --------------------------------------------------------------------------------
+    def _transact(
+        self, job_id: str, decide: Callable[[JobRecord | None], tuple[Any, Callable[[Any], None] | None]]
+    ) -> Any:
+        """Read the record under WATCH, let ``decide`` choose (answer, writes), apply the writes in MULTI.
 
-    def cancel_requested(self, job_id: str) -> bool:
-        with redis_errors():
-            raw = self.r.hget(self.job_key(job_id), "cancel_requested")
-        return raw is not None and self._decode_field("cancel_requested", raw)
-
-    # -- worker side ---------------------------------------------------------------------------------
-    def begin(self, job_id: str, worker_id: str) -> Begin:
-        """Claim a delivered job for ``worker_id`` (a worker process id): take its lease and count the
-        attempt.
-
-        A job found ``running`` was started before by a worker that did not finish it: if that worker
-        is still alive this delivery is a duplicate (the broker's visibility timeout expired during a
-        long job); otherwise the worker died, and after EBCA_MAX_ATTEMPTS starts the job fails with
-        ``worker_lost`` instead of running again.
+        ``decide`` returns what to answer and a function queueing the writes on the pipeline (None: write
+        nothing). A concurrent change of the job's hash (another worker, the sweep, a cancel) aborts the
+        transaction and ``decide`` runs again on the new record, so each decision is made exactly once.
         """
         key = self.job_key(job_id)
         with self.r.pipeline() as pipe:
@@ -293,85 +319,23 @@ class JobStore:
                 try:
                     pipe.watch(key)
                     raw = pipe.hgetall(key)
-                    if not raw:
+                    answer, write = decide(self._decode(raw) if raw else None)
+                    if write is None:
                         pipe.unwatch()
-                        return Begin("missing")
-                    record = self._decode(raw)
-                    if record.status.terminal:
-                        pipe.unwatch()
-                        return Begin("terminal", record)
-                    if record.status == JobStatus.RUNNING:
-                        previous = record.lease
-                        if previous and previous != worker_id and self.worker_alive(previous):
-                            pipe.unwatch()
-                            return Begin("duplicate", record)
-                        if record.cancel_requested:
-                            pipe.multi()
-                            self._finish_fields(pipe, job_id, JobStatus.CANCELED)
-                            pipe.execute()
-                            return Begin("canceled", record)
-                        if record.attempts >= self.settings.max_attempts:
-                            error = JobError(
-                                code="worker_lost",
-                                message=f"the worker running this job died {record.attempts} times "
-                                f"(EBCA_MAX_ATTEMPTS={self.settings.max_attempts}); giving up",
-                            )
-                            pipe.multi()
-                            self._finish_fields(pipe, job_id, JobStatus.FAILED, error=error)
-                            pipe.execute()
-                            return Begin("exhausted", record)
-                    started = {
-                        "status": JobStatus.RUNNING,
-                        "attempts": record.attempts + 1,
-                        "lease": worker_id,
-                        "started_at": utcnow(),
-                        "progress": Progress(stage="loading", step=0, total=record.progress.total),
-                    }
+                        return answer
                     pipe.multi()
-                    pipe.hset(key, mapping=self._encode(started))
-                    pipe.zrem(self.k("queue"), job_id)
-                    pipe.sadd(self.k("running"), job_id)
-                    if record.status == JobStatus.QUEUED:
-                        pipe.hincrby(self.k("stats"), JobStatus.RUNNING.value, 1)
+                    write(pipe)
                     pipe.execute()
-                    return Begin("run", record.model_copy(update=started))
+                    return answer
                 except WatchError:
                     continue
 
-    def resolve_request(self, job_id: str, data: dict[str, Any], total: int, field: str = "request") -> None:
-        """Record the request as it runs (the model's defaults filled in) and the job's step total.
-
-        ``field`` is ``plan`` for a synthetic edit, whose ``request`` is the edit the client sent.
-        """
-        key = self.job_key(job_id)
-        raw = self.r.hget(key, "progress")
-        progress = self._decode_field("progress", raw) if raw else Progress(stage="loading")
-        self.r.hset(
-            key, mapping=self._encode({field: data, "progress": progress.model_copy(update={"total": total})})
-        )
-
-    def progress(self, job_id: str, stage: str, step: int, total: int) -> bool:
-        """Record progress; return whether a cancel was requested (one round trip per step)."""
-        key = self.job_key(job_id)
-        progress = Progress(stage=stage, step=step, total=total)  # type: ignore[arg-type]
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=self._encode({"progress": progress}))
-            pipe.hget(key, "cancel_requested")
-            _, raw = pipe.execute()
-        return raw is not None and self._decode_field("cancel_requested", raw)
-
-    def finish(
-        self,
-        job_id: str,
-        status: JobStatus,
-        *,
-        result: JobResult | None = None,
-        error: JobError | None = None,
-        progress: Progress | None = None,
-    ) -> None:
-        with self.r.pipeline() as pipe:
-            self._finish_fields(pipe, job_id, status, result=result, error=error, progress=progress)
-            pipe.execute()
+    def _unindex(self, pipe: Any, job_id: str) -> None:
+        """Remove a job from every index of unfinished jobs."""
+        pipe.zrem(self.k("queue"), job_id)
+        pipe.srem(self.k("running"), job_id)
+        pipe.zrem(self.k("deadlines"), job_id)
+        pipe.zrem(self.k("published"), job_id)
 
     def _finish_fields(
         self,
@@ -383,28 +347,301 @@ class JobStore:
         error: JobError | None = None,
         progress: Progress | None = None,
     ) -> None:
-        """Queue the commands that end a job on ``pipe`` (which may be inside MULTI)."""
-        fields: dict[str, Any] = {"status": status, "finished_at": utcnow(), "result": result, "error": error}
+        """Queue the commands that end a job on ``pipe`` (inside MULTI)."""
+        fields: dict[str, Any] = {"status": status, "finished_at": iso_utc(time.time()), "result": result,
+                                  "error": error}  # fmt: skip
         if progress is not None:
             fields["progress"] = progress
         key = self.job_key(job_id)
         pipe.hset(key, mapping=self._encode(fields))
-        pipe.zrem(self.k("queue"), job_id)
-        pipe.srem(self.k("running"), job_id)
+        self._unindex(pipe, job_id)
         pipe.hincrby(self.k("stats"), status.value, 1)
         pipe.expire(key, self.settings.job_ttl_seconds)
 
-    # -- heartbeats ------------------------------------------------------------------------------------
-    def heartbeat(self, worker_id: str) -> None:
-        now = time.time()
+    def _requeue_fields(self, pipe: Any, record: JobRecord, now: float) -> None:
+        """Queue the commands that put a started job back in line: at its old queue position (its
+        submission sequence), attempts kept; the caller publishes a new message."""
+        queued = {
+            "status": JobStatus.QUEUED,
+            "progress": Progress(stage="queued", total=record.progress.total),
+        }
+        pipe.hset(self.job_key(record.id), mapping=self._encode(queued))
+        pipe.srem(self.k("running"), record.id)
+        pipe.zadd(self.k("queue"), {record.id: record.seq})
+        pipe.zadd(self.k("published"), {record.id: now})
+
+    # -- cancel ----------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job:
+        """Queued: canceled now. Running: flag it (the worker stops at the next step). Else 409."""
+
+        def decide(record: JobRecord | None) -> tuple[None, Callable[[Any], None]]:
+            if record is None:
+                raise NotFound(f"job {job_id!r} not found")
+            if record.status.terminal:
+                raise Conflict(f"job {job_id!r} already finished ({record.status.value}); nothing to cancel")
+
+            def write(pipe: Any) -> None:
+                pipe.hset(self.job_key(job_id), mapping=self._encode({"cancel_requested": True}))
+                if record.status == JobStatus.QUEUED:
+                    # Never started: canceled at once; its queue message is dropped on delivery.
+                    self._finish_fields(pipe, job_id, JobStatus.CANCELED)
+
+            return None, write
+
+        with redis_errors():
+            self._transact(job_id, decide)
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with redis_errors():
+            raw = self.r.hget(self.job_key(job_id), "cancel_requested")
+        return raw is not None and self._decode_field("cancel_requested", raw)
+
+    # -- leases ----------------------------------------------------------------------------------------
+    def lease_live(self, record: JobRecord, now: float | None = None) -> bool:
+        """Whether a running job's lease holds: its worker beat within EBCA_HEARTBEAT_TTL and still lists
+        the job among those it runs (a restarted process with a reused pid, or one that gave the job up
+        after a store outage, does not)."""
+        if record.lease is None:
+            return False
         with self.r.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.k("workers"), {worker_id: now})
-            # Forget workers silent for far longer than the TTL so the set stays small.
-            pipe.zremrangebyscore(self.k("workers"), 0, now - 100 * self.settings.heartbeat_ttl)
-            pipe.execute()
+            pipe.zscore(self.k("workers"), record.lease)
+            pipe.sismember(self.k("holds", record.lease), record.id)
+            beat, holds = pipe.execute()
+        now = time.time() if now is None else now
+        return beat is not None and now - float(beat) <= self.settings.heartbeat_ttl and bool(holds)
+
+    def _must_end(self, record: JobRecord, now: float) -> _End | None:
+        """Whether a job that no live worker holds must end instead of running (again): the one rule for
+        a worker taking a delivery and for the sweep. Past its deadline: failed ``timeout``. Lost by its
+        worker (it was running): canceled if a cancel was pending, failed ``worker_lost`` once it has
+        been started EBCA_MAX_ATTEMPTS times. None: it may run."""
+        if record.past_deadline(now):
+            return _End("timeout", JobStatus.FAILED, record.timeout_error())
+        if record.status == JobStatus.RUNNING:
+            if record.cancel_requested:
+                return _End("canceled", JobStatus.CANCELED)
+            if record.attempts >= self.settings.max_attempts:
+                error = JobError(
+                    code="worker_lost",
+                    message=f"the worker running this job died {record.attempts} times "
+                    f"(EBCA_MAX_ATTEMPTS={self.settings.max_attempts}); giving up",
+                )
+                return _End("exhausted", JobStatus.FAILED, error)
+        return None
+
+    def _end(self, job_id: str, end: _End) -> Callable[[Any], None]:
+        return lambda pipe: self._finish_fields(pipe, job_id, end.status, error=end.error)
+
+    # -- worker side ---------------------------------------------------------------------------------
+    def begin(self, job_id: str, worker_id: str) -> Begin:
+        """Claim a delivered job for ``worker_id`` (a worker process id): take its lease, count the attempt.
+
+        The one path for every delivery. A job running under another worker's live lease makes this a
+        duplicate, dropped by the caller: the broker restored a message (visibility timeout, a Redis
+        restart) or the sweep re-published a job that has started since; the holder finishes it, and if
+        it dies the sweep puts the job back in line. A job that must not run (:meth:`_must_end`) ends
+        here. The caller must already list ``job_id`` in the holdings its heartbeat reports.
+        """
+
+        def decide(record: JobRecord | None) -> tuple[Begin, Callable[[Any], None] | None]:
+            if record is None:
+                return Begin("missing"), None
+            if record.status.terminal:
+                return Begin("terminal", record), None
+            now = time.time()
+            if (
+                record.status == JobStatus.RUNNING
+                and record.lease != worker_id
+                and self.lease_live(record, now)
+            ):
+                return Begin("duplicate", record), None
+            end = self._must_end(record, now)
+            if end is not None:
+                return Begin(end.outcome, record), self._end(job_id, end)
+            started = {
+                "status": JobStatus.RUNNING,
+                "attempts": record.attempts + 1,
+                "lease": worker_id,
+                "started_at": iso_utc(now),
+                "progress": Progress(stage="loading", total=record.progress.total),
+            }
+
+            def write(pipe: Any) -> None:
+                pipe.hset(self.job_key(job_id), mapping=self._encode(started))
+                pipe.zrem(self.k("queue"), job_id)
+                pipe.zrem(self.k("published"), job_id)
+                pipe.sadd(self.k("running"), job_id)
+                # The lease holds from this moment, before this process's next heartbeat reports it.
+                pipe.sadd(self.k("holds", worker_id), job_id)
+                pipe.expire(self.k("holds", worker_id), self._worker_retention)
+                if record.attempts == 0:  # jobs that reached running: a recovered job counts once
+                    pipe.hincrby(self.k("stats"), JobStatus.RUNNING.value, 1)
+
+            return Begin("run", record.model_copy(update=started)), write
+
+        return self._transact(job_id, decide)
+
+    def resolve_request(self, job_id: str, data: dict[str, Any], total: int, field: str = "request") -> None:
+        """Record the request as it runs (the model's defaults filled in) and the job's step total.
+
+        ``field`` is ``plan`` for a synthetic edit, whose ``request`` is the edit the client sent.
+        """
+        key = self.job_key(job_id)
+        raw = self.r.hget(key, "progress")
+        current = self._decode_field("progress", raw) if raw else Progress(stage="loading")
+        progress = current.model_copy(update={"total": total})
+        self.r.hset(key, mapping=self._encode({field: data, "progress": progress}))
+
+    def progress(self, job_id: str, lease: str, stage: str, step: int, total: int) -> StepVerdict:
+        """Record progress if ``lease`` still holds the job; say whether to go on (one round trip)."""
+        progress = Progress(stage=stage, step=step, total=total)  # type: ignore[arg-type]
+        encoded = self._encode(
+            {"status": JobStatus.RUNNING, "lease": lease, "progress": progress, "cancel_requested": True}
+        )
+        args = [encoded["status"], encoded["lease"], encoded["progress"], encoded["cancel_requested"]]
+        return self._progress_script(keys=[self.job_key(job_id)], args=args)  # type: ignore[no-any-return]
+
+    def _held_by(self, lease: str, record: JobRecord | None) -> bool:
+        return record is not None and record.status == JobStatus.RUNNING and record.lease == lease
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        lease: str,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        progress: Progress | None = None,
+    ) -> bool:
+        """End a running job held by ``lease``; False, writing nothing, when that worker lost it."""
+
+        def decide(record: JobRecord | None) -> tuple[bool, Callable[[Any], None] | None]:
+            if not self._held_by(lease, record):
+                return False, None
+            return True, lambda pipe: self._finish_fields(
+                pipe, job_id, status, result=result, error=error, progress=progress
+            )
+
+        return self._transact(job_id, decide)  # type: ignore[no-any-return]
+
+    def release(self, job_id: str, lease: str) -> bool:
+        """Hand a running job held by ``lease`` back to the queue (its worker is stopping); the caller
+        requeues its message. False when that worker no longer held it."""
+
+        def decide(record: JobRecord | None) -> tuple[bool, Callable[[Any], None] | None]:
+            if not self._held_by(lease, record):
+                return False, None
+            assert record is not None
+            return True, lambda pipe: self._requeue_fields(pipe, record, time.time())
+
+        return self._transact(job_id, decide)  # type: ignore[no-any-return]
+
+    # -- the sweep -------------------------------------------------------------------------------------
+    def settle(self, job_id: str, now: float | None = None) -> SettleOutcome:
+        """The sweep's decision for one running or overdue job, made atomically (two sweeps of two
+        workers never both act on a job: the second sees what the first wrote).
+
+        Running under a live lease: kept, unless it is past its deadline by more than EBCA_HEARTBEAT_TTL
+        (its worker should have stopped it at the next step; it ends ``timeout`` and the worker finds its
+        lease gone). Running without one: ended by :meth:`_must_end`, else requeued. Queued past its
+        deadline: ended ``timeout`` without starting.
+        """
+        now = time.time() if now is None else now
+
+        def decide(record: JobRecord | None) -> tuple[SettleOutcome, Callable[[Any], None] | None]:
+            if record is None or record.status.terminal:
+                return "gone", lambda pipe: self._unindex(pipe, job_id)
+            if record.status == JobStatus.RUNNING and self.lease_live(record, now):
+                if not record.past_deadline(now - self.settings.heartbeat_ttl):
+                    return "kept", None
+                end: _End | None = _End("timeout", JobStatus.FAILED, record.timeout_error())
+            else:
+                end = self._must_end(record, now)
+            if end is not None:
+                return end.outcome, self._end(job_id, end)
+            if record.status == JobStatus.QUEUED:
+                return "kept", None
+            return "requeued", lambda pipe: self._requeue_fields(pipe, record, now)
+
+        return self._transact(job_id, decide)  # type: ignore[no-any-return]
+
+    def sweep(self, publish: Callable[[str], None]) -> dict[str, list[str]]:
+        """One pass of crash recovery; returns the job ids acted on, by what was done.
+
+        1. Every running job and every job past its deadline is settled (:meth:`settle`); a requeued
+           job gets a new message from ``publish``. Its old message, whenever the broker restores it,
+           finds the job running elsewhere or finished and is dropped (:meth:`begin`).
+        2. Queued jobs whose message was due more than EBCA_REPUBLISH_GRACE_SECONDS ago are looked up
+           in the broker (at most every BROKER_SCAN_SECONDS, by one worker); those without a message
+           (lost with a Redis that restarted without its data, or a crash between record and publish)
+           are published again. A spare message costs one dropped delivery; a lost one, a lost job.
+        """
+        now = time.time()
+        report: dict[str, list[str]] = {}
+        due = set(self.r.smembers(self.k("running")))
+        due.update(self.r.zrangebyscore(self.k("deadlines"), "-inf", now))
+        for job_id in sorted(due):
+            outcome = self.settle(job_id, now)
+            if outcome == "kept":
+                continue
+            report.setdefault(outcome, []).append(job_id)
+            if outcome == "requeued":
+                self._publish(publish, job_id)
+        stale = self.r.zrangebyscore(self.k("published"), "-inf", now - self.settings.republish_grace_seconds)
+        if stale and self.r.set(self.k("sweep", "broker"), "1", nx=True, px=int(BROKER_SCAN_SECONDS * 1000)):
+            present = queued_job_ids(self.r, self.settings.queue)
+            for job_id in stale:
+                if self.r.zscore(self.k("queue"), job_id) is None:
+                    self.r.zrem(self.k("published"), job_id)  # started or finished meanwhile
+                    continue
+                if job_id not in present:
+                    report.setdefault("republished", []).append(job_id)
+                    self._publish(publish, job_id)
+                self.r.zadd(self.k("published"), {job_id: time.time()}, xx=True)
+        return report
+
+    @staticmethod
+    def _publish(publish: Callable[[str], None], job_id: str) -> None:
+        try:
+            publish(job_id)
+        except Exception as exc:  # the broker is away: the job is queued; the lost-message scan retries
+            log.warning("job %s: could not publish its message: %s", job_id, exc)
+
+    # -- heartbeats ------------------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, holding: Callable[[], Collection[str]] = tuple) -> None:
+        """Beat for ``worker_id`` and report the jobs it runs now (``holding()``, read in the process).
+
+        The holdings key is watched: a :meth:`begin` of this process that lands between reading
+        ``holding()`` and writing makes the beat run again, so a beat can never erase a fresh lease
+        (the process lists a job before it calls begin).
+        """
+        holds = self.k("holds", worker_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(holds)
+                    jobs = sorted(holding())
+                    now = time.time()
+                    pipe.multi()
+                    pipe.zadd(self.k("workers"), {worker_id: now})
+                    # Forget workers silent for far longer than the TTL so the set stays small.
+                    pipe.zremrangebyscore(self.k("workers"), 0, now - self._worker_retention)
+                    pipe.delete(holds)
+                    if jobs:
+                        pipe.sadd(holds, *jobs)
+                        pipe.expire(holds, self._worker_retention)
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     def worker_gone(self, worker_id: str) -> None:
-        self.r.zrem(self.k("workers"), worker_id)
+        with self.r.pipeline() as pipe:
+            pipe.zrem(self.k("workers"), worker_id)
+            pipe.delete(self.k("holds", worker_id))
+            pipe.execute()
 
     def worker_alive(self, worker_id: str) -> bool:
         score = self.r.zscore(self.k("workers"), worker_id)
@@ -416,6 +653,13 @@ class JobStore:
                 self.r.zrangebyscore(self.k("workers"), time.time() - self.settings.heartbeat_ttl, "+inf")
             )
 
+    def mark_draining(self, worker_id: str) -> None:
+        """Say that a worker process is shutting down (its prefork children hand their jobs back)."""
+        self.r.set(self.k("draining", worker_id), "1", ex=self._worker_retention)
+
+    def draining(self, worker_id: str) -> bool:
+        return bool(self.r.exists(self.k("draining", worker_id)))
+
     # -- models ----------------------------------------------------------------------------------------
     def publish_model_defaults(self, defaults: dict[str, dict[str, Any]]) -> None:
         """A worker announces the defaults of the models it serves (GET /models lists them)."""
@@ -425,7 +669,7 @@ class JobStore:
     def model_defaults(self) -> dict[str, dict[str, Any]]:
         with redis_errors():
             raw = self.r.hgetall(self.k("models"))
-        return {mid: json.loads(value) for mid, value in raw.items()}
+        return {model_id: json.loads(value) for model_id, value in raw.items()}
 
     # -- metrics ---------------------------------------------------------------------------------------
     def observe(self, name: str, value: float) -> None:

@@ -9,6 +9,7 @@ one pipeline method.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -53,8 +54,10 @@ from worker.pipelines import PipelineCache
 
 log = logging.getLogger("ebca.worker")
 
-#: How often a worker holding a duplicate delivery looks again at the job's lease holder.
-DUPLICATE_POLL_SECONDS = 0.5
+#: Longest wait between two tries to record a job's end while the job store is unreachable.
+STORE_RETRY_MAX_SECONDS = 5.0
+
+_STORE_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
 def draw_seed(num_images: int) -> int:
@@ -64,6 +67,19 @@ def draw_seed(num_images: int) -> int:
 
 class JobCanceled(Exception):
     """Raised from the per-step callback to stop a job whose cancel flag is set."""
+
+
+class JobTimedOut(Exception):
+    """Raised from the per-step callback once the job's deadline has passed."""
+
+
+class LeaseLost(Exception):
+    """Raised from the per-step callback when the job is no longer this worker's (the sweep gave it to
+    another worker or ended it): stop, writing nothing."""
+
+
+class HandBack(Exception):
+    """Raised from the per-step callback when this worker is shutting down: the job goes back in line."""
 
 
 def energy_config(spec: EnergySpec | None) -> EnergyConfig | None:
@@ -92,29 +108,26 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, storage: Storage, cache: PipelineCache, worker_id: str) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Storage,
+        cache: PipelineCache,
+        worker_id: str,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.store = store
         self.storage = storage
         self.cache = cache
         #: This process's id (``host:pid``): the lease it takes on the jobs it runs.
         self.worker_id = worker_id
+        #: Whether this worker is shutting down (a running job is then handed back at its next step).
+        self.stopping = stopping
 
     # -- entry point -------------------------------------------------------------------------------------
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state; returns what happened (for logs and tests)."""
-        waited = False
-        while True:
-            begin = self.store.begin(job_id, self.worker_id)
-            if begin.outcome != "duplicate":
-                break
-            if not waited:
-                lease = begin.record.lease if begin.record else None
-                log.info("job %s: redelivered while %s still runs it; waiting", job_id, lease)
-                waited = True
-            # The broker redelivered a job whose worker is alive and still running it (visibility
-            # timeout shorter than the job). Hold the message until that worker finishes or dies, so
-            # the job is neither run twice nor lost if it dies later.
-            time.sleep(DUPLICATE_POLL_SECONDS)
+        begin = self.store.begin(job_id, self.worker_id)
         if begin.outcome != "run":
             log.info("job %s: %s, not running it", job_id, begin.outcome)
             return begin.outcome
@@ -126,10 +139,21 @@ class JobRunner:
         try:
             result, total = self._execute(record)
         except JobCanceled:
-            outcome = "canceled"
-            self.store.finish(job_id, JobStatus.CANCELED)
-        except (RedisConnectionError, RedisTimeoutError):
-            raise  # the job store is away: not the job's fault; the task sends it round again
+            outcome = self._finish(job_id, "canceled", JobStatus.CANCELED)
+        except JobTimedOut:
+            log.warning("job %s: past its deadline %s; stopped", job_id, record.deadline_at)
+            outcome = self._finish(job_id, "timeout", JobStatus.FAILED, error=record.timeout_error())
+        except LeaseLost:
+            log.warning(
+                "job %s: no longer held by this worker (recovered elsewhere or ended); dropped", job_id
+            )
+            return "lease_lost"
+        except HandBack:
+            released = self._store_retry(lambda: self.store.release(job_id, self.worker_id))
+            log.info("job %s: handed back (worker stopping)", job_id)
+            return "handed_back" if released else "lease_lost"
+        except _STORE_DOWN:
+            raise  # the job store is away before the job could start: the task sends it round again
         except Exception as exc:  # every failure ends the job with a stable code; the worker lives on
             code, message, field = self._classify(exc)
             outcome = "failed"
@@ -138,18 +162,39 @@ class JobRunner:
             else:
                 log.warning("job %s failed: %s: %s", job_id, code, message)
             error = JobError(code=code, message=message, field=field or None)  # type: ignore[arg-type]
-            self.store.finish(job_id, JobStatus.FAILED, error=error)
+            outcome = self._finish(job_id, "failed", JobStatus.FAILED, error=error)
             if code == "out_of_memory" and torch.cuda.is_available():
                 torch.cuda.empty_cache()
         else:
-            self.store.finish(
-                job_id,
-                JobStatus.SUCCEEDED,
-                result=result,
-                progress=Progress(stage="done", step=total, total=total),
-            )
-        self.store.observe("job_duration_seconds", time.perf_counter() - started)
+            progress = Progress(stage="done", step=total, total=total)
+            outcome = self._finish(job_id, "succeeded", JobStatus.SUCCEEDED, result=result, progress=progress)
+        with contextlib.suppress(*_STORE_DOWN):  # a metric is not worth waiting for
+            self.store.observe("job_duration_seconds", time.perf_counter() - started)
         return outcome
+
+    def _finish(self, job_id: str, outcome: str, status: JobStatus, **fields: Any) -> str:
+        """Record the end of the job (``outcome``), or "lease_lost" when another worker holds it now."""
+        if self._store_retry(lambda: self.store.finish(job_id, status, lease=self.worker_id, **fields)):
+            return outcome
+        log.warning(
+            "job %s: ended %s, but it is no longer held by this worker; not recorded", job_id, outcome
+        )
+        return "lease_lost"
+
+    def _store_retry(self, call: Callable[[], bool]) -> bool:
+        """Run a store call that must not be lost, retrying while the store is unreachable (a Redis
+        restart): the work is done and the lease decides who may record it once the store is back.
+        Gives up (raises) only when this worker is shutting down."""
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except _STORE_DOWN as exc:
+                if self.stopping():
+                    raise
+                log.warning("job store unreachable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, STORE_RETRY_MAX_SECONDS)
 
     @staticmethod
     def _classify(exc: BaseException) -> tuple[str, str, str | None]:
@@ -186,7 +231,7 @@ class JobRunner:
         seeds = [base + i for i in range(request.num_images)]
         total = request.steps * len(seeds)
         self.store.resolve_request(job_id, data, total, field=mode.field)
-        report = self._reporter(job_id, total)
+        report = _Reporter(self.store, record, total, self.worker_id, self.stopping)
         report.stage("loading")
         method, arguments = mode.handler(self, request)
         run = getattr(pipe, method)
@@ -240,9 +285,6 @@ class JobRunner:
         if ref is None:
             raise ValidationFailed(f"{field}: missing", field=field)
         return self.storage.get(resolve_ref(self.store, ref, field))
-
-    def _reporter(self, job_id: str, total: int) -> _Reporter:
-        return _Reporter(self.store, job_id, total)
 
 
 # -- one small handler per job mode: the request's task-specific arguments of one pipeline method -----
@@ -303,29 +345,54 @@ def _mode_of(record: JobRecord) -> str:
 
 
 class _Reporter:
-    """Progress into the job record at every denoising step; the cancel flag is read in the same
-    round trip and stops the job there (EBCA core ``callback`` may raise to abort)."""
+    """Progress into the job record at every stage and denoising step, and the checks that stop a job
+    there (EBCA core's ``callback`` may raise to abort): a cancel and the lease (read in the same round
+    trip), the deadline, a shutdown of this worker."""
 
-    def __init__(self, store: JobStore, job_id: str, total: int) -> None:
+    def __init__(
+        self, store: JobStore, record: JobRecord, total: int, worker_id: str, stopping: Callable[[], bool]
+    ) -> None:
         self.store = store
-        self.job_id = job_id
+        self.record = record
         self.total = total
+        self.worker_id = worker_id
+        self.stopping = stopping
         self.done = 0
         #: Steps of the images already made (images run one after another, see JobRunner._execute).
         self.offset = 0
         self.current_stage = "loading"
         self._last = time.perf_counter()
+        self._store_down = False
 
     def stage(self, stage: str) -> None:
         self.current_stage = stage
         self._last = time.perf_counter()
-        if self.store.progress(self.job_id, stage, self.done, self.total):
-            raise JobCanceled()
+        self._report(stage)
 
     def step(self, step: int, total: int, latents: Any = None) -> None:
         now = time.perf_counter()
-        self.store.observe("step_duration_seconds", now - self._last)
-        self._last = now
+        self._last, elapsed = now, now - self._last
         self.done = self.offset + min(step, total)
-        if self.store.progress(self.job_id, "denoising", self.done, self.total):
+        self._report("denoising", elapsed)
+
+    def _report(self, stage: str, step_seconds: float | None = None) -> None:
+        try:
+            if step_seconds is not None:
+                self.store.observe("step_duration_seconds", step_seconds)
+            verdict = self.store.progress(self.record.id, self.worker_id, stage, self.done, self.total)
+            self._store_down = False
+        except _STORE_DOWN as exc:
+            # The store blinked (a Redis restart): keep computing; the end is recorded once it is back,
+            # if this worker still holds the job then.
+            if not self._store_down:
+                log.warning("job %s: progress not recorded, job store unreachable: %s", self.record.id, exc)
+            self._store_down = True
+            verdict = "run"
+        if verdict == "cancel":
             raise JobCanceled()
+        if verdict == "lost":
+            raise LeaseLost()
+        if self.record.past_deadline(time.time()):
+            raise JobTimedOut()
+        if self.stopping():
+            raise HandBack()

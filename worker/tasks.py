@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 
@@ -9,7 +10,8 @@ from celery import Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ebca_common.queueing import RUN_JOB_TASK
+from ebca_common.errors import Unavailable
+from ebca_common.queueing import RUN_JOB_TASK, CeleryPublisher
 from ebca_common.storage import storage_from_settings
 from ebca_common.store import JobStore
 from worker.celery_app import app, heartbeat, process_id, settings
@@ -31,16 +33,32 @@ def runner() -> JobRunner:
 def _runner(pid: int) -> JobRunner:
     # Keyed by the process id: a prefork child builds its own instead of using a parent's clients.
     return JobRunner(
-        JobStore.from_settings(settings), storage_from_settings(settings), _cache(), process_id()
+        JobStore.from_settings(settings),
+        storage_from_settings(settings),
+        _cache(),
+        process_id(),
+        stopping=lambda: heartbeat.stopping,
     )
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(self: Task, job_id: str) -> str:
     heartbeat.start()  # no-op when already beating for this process (pool=solo starts it at ready)
-    try:
-        return runner().run(job_id)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        # The job store blinked: a failed task would be acknowledged and the job stranded, so send
-        # the job id round again instead (the attempt count still bounds how often it can start).
-        raise self.retry(exc=exc, countdown=settings.retry_after_seconds, max_retries=None) from exc
+    with heartbeat.holding(job_id):
+        try:
+            outcome = runner().run(job_id)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # The job store blinked before the job could start: send the job id round again (the
+            # attempt count still bounds how often it can start).
+            raise self.retry(exc=exc, countdown=settings.retry_after_seconds, max_retries=None) from exc
+    if outcome == "handed_back":
+        # The record is queued again; a message at the front of the queue lets another worker start
+        # the job at once (this one is acknowledged). Should the broker be away, the sweep re-publishes.
+        with contextlib.suppress(Unavailable):
+            _publisher().publish(job_id, front=True)
+    return outcome
+
+
+@lru_cache(maxsize=1)
+def _publisher() -> CeleryPublisher:
+    return CeleryPublisher(settings)

@@ -248,6 +248,8 @@ class JobInfo(_JobState):
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    #: created_at + the request's timeout_seconds; a job not done by then fails with code timeout.
+    deadline_at: datetime | None = None
     request: dict[str, Any] | None = None
 
     @property

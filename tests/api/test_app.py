@@ -12,7 +12,7 @@ from PIL import Image
 
 from api.main import create_app
 from ebca_common.errors import Unavailable
-from ebca_common.jobs import JobStatus
+from ebca_common.jobs import JobStatus, unix_time
 from ebca_common.settings import Settings
 from ebca_common.store import JobStore
 
@@ -116,7 +116,7 @@ def test_image_download_from_local_store(app_parts) -> None:
     store.begin(job_id, "w")
     image = {"index": 0, "key": f"jobs/{job_id}/0.png", "content_type": "image/png", "url": "", "seed": 1}
     image |= {"width": 8, "height": 8, "sha256": "", "settings_endpoint": "/generate", "settings": {}}
-    store.finish(job_id, JobStatus.SUCCEEDED, result={"images": [image]})
+    store.finish(job_id, JobStatus.SUCCEEDED, lease="w", result={"images": [image]})
     response = client.get(f"/jobs/{job_id}/images/0")
     assert response.status_code == 200 and response.content == b"\x89PNG-bytes"
     assert response.headers["content-type"] == "image/png"
@@ -175,3 +175,18 @@ def test_request_part_may_be_sent_as_a_file(app_parts, queue: FakeQueue) -> None
     response = client.post("/edit", files=files)
     assert response.status_code == 202, response.text
     assert response.json()["mode"] == "real" and queue.sent == [response.json()["id"]]
+
+
+def test_timeout_seconds_default_and_deadline(app_parts) -> None:
+    client, store = app_parts
+    default = client.post("/generate", json={"prompt": "a cat"}).json()
+    assert default["request"]["timeout_seconds"] == 900  # EBCA_JOB_TIMEOUT_SECONDS, filled in
+    given = client.post("/generate", json={"prompt": "a cat", "timeout_seconds": 3600}).json()
+    for job, seconds in ((default, 900), (given, 3600)):
+        shown = client.get(f"/jobs/{job['id']}").json()
+        assert shown["deadline_at"] == job["deadline_at"]
+        created, deadline = unix_time(shown["created_at"]), unix_time(shown["deadline_at"])
+        assert deadline - created == pytest.approx(seconds, abs=0.002)  # both are millisecond stamps
+    edit = {"mode": "inpaint", "prompt": "a bear", "image_ref": {"job_id": "x", "index": 0}}
+    too_long = client.post("/edit", json={**edit, "timeout_seconds": 3601})
+    assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "timeout_seconds"

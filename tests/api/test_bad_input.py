@@ -255,7 +255,9 @@ def test_reference_to_an_image_no_longer_stored_is_422(api: Api) -> None:
     api.store.begin(job_id, "w")
     image = {"index": 0, "key": f"jobs/{job_id}/0.png", "content_type": "image/png", "url": "", "seed": 1}
     image |= {"width": 16, "height": 16, "sha256": "", "settings_endpoint": "/generate", "settings": {}}
-    api.store.finish(job_id, JobStatus.SUCCEEDED, result={"images": [image]})  # the file was never written
+    api.store.finish(
+        job_id, JobStatus.SUCCEEDED, lease="w", result={"images": [image]}
+    )  # the file was never written
     api.queue.sent.clear()
     before = api.store.job_count()
     response = api.client.post("/edit", json={**REAL, "image_ref": {"job_id": job_id, "index": 0}})
@@ -302,3 +304,16 @@ def test_blank_inpaint_prompt_and_source_prompt_are_422(api: Api, body: dict, fi
         del files["mask"]
     response = api.client.post("/edit", data={"request": json.dumps(body)}, files=files)
     api.assert_refused(response, 422, "validation_error", field)
+
+
+@pytest.mark.parametrize("value", [0, -5, 3601, 10**9, 1.5, "60", True])
+@pytest.mark.parametrize("path", ["/generate", "/edit"])
+def test_timeout_seconds_out_of_range_is_422_naming_it(api: Api, path: str, value: Any) -> None:
+    body = {"prompt": "x"} if path == "/generate" else {"mode": "synthetic", "source_job_id": "j",
+                                                        "edits": [{"prompt": "d"}]}  # fmt: skip
+    api.assert_refused(
+        api.client.post(path, json={**body, "timeout_seconds": value}),
+        422,
+        "validation_error",
+        "timeout_seconds",
+    )

@@ -69,8 +69,8 @@ def test_cancel_rules(store: JobStore) -> None:
     assert store.begin(job_id, "w:1").outcome == "run"
     running = store.cancel(job_id)
     assert running.status == JobStatus.RUNNING and running.cancel_requested
-    assert store.progress(job_id, "denoising", 1, 5) is True  # the worker sees the flag at its next step
-    store.finish(job_id, JobStatus.CANCELED)
+    assert store.progress(job_id, "w:1", "denoising", 1, 5) == "cancel"  # seen at the worker's next step
+    assert store.finish(job_id, JobStatus.CANCELED, lease="w:1")
     with pytest.raises(Conflict):
         store.cancel(job_id)
     with pytest.raises(NotFound):
@@ -113,7 +113,7 @@ def test_histograms_and_counts(store: JobStore) -> None:
     assert total == pytest.approx(7.32)
     job_id = new_job(store)
     store.begin(job_id, "w")
-    store.finish(job_id, JobStatus.SUCCEEDED, result={"images": []})
+    store.finish(job_id, JobStatus.SUCCEEDED, lease="w", result={"images": []})
     assert store.status_counts() == {"queued": 1, "running": 1, "succeeded": 1, "failed": 0, "canceled": 0}
 
 
@@ -139,7 +139,9 @@ def test_the_record_round_trips_through_the_hash(store: JobStore) -> None:
     assert set(raw) == set(JobRecord.model_fields)
     assert json.loads(raw["lease"]) == "host:42" and json.loads(raw["owner"]) is None
     assert store.require(job_id) == claimed
-    store.finish(job_id, JobStatus.FAILED, error=JobError(code="internal_error", message="boom"))
+    store.finish(
+        job_id, JobStatus.FAILED, lease="host:42", error=JobError(code="internal_error", message="boom")
+    )
     done = store.require(job_id)
     assert done.status.terminal and done.error == JobError(code="internal_error", message="boom")
     assert store.get(job_id) == done.view(None)
@@ -148,7 +150,7 @@ def test_the_record_round_trips_through_the_hash(store: JobStore) -> None:
 def test_partial_writes_are_checked_against_the_record_type(store: JobStore) -> None:
     job_id = new_job(store)
     with pytest.raises(ValidationError):
-        store.progress(job_id, "sleeping", 1, 5)  # not a Stage
+        store.progress(job_id, "w:1", "sleeping", 1, 5)  # not a Stage
     with pytest.raises(KeyError):
         store._encode({"no_such_field": 1})
     assert store.require(job_id).progress.stage == "queued"  # nothing was written

@@ -96,10 +96,14 @@ class Proc:
             return ""
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
+def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path, new_session: bool = False) -> Proc:
+    """Start a service process; ``new_session`` makes it the leader of its own process group (so that
+    the group, e.g. a prefork worker and its children, can be killed as a whole)."""
     log = logdir / f"{name}.log"
     fh = log.open("ab")
-    popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    popen = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=new_session
+    )
     fh.close()
     return Proc(name, popen, log)
 
@@ -118,8 +122,9 @@ class Stack:
     _count: int = 0
 
     # -- processes ---------------------------------------------------------------------------------------
-    def start_api(self) -> None:
-        port = free_port()
+    def start_api(self, port: int | None = None) -> None:
+        """Start uvicorn on ``port`` (default: a free one; a restart passes the old one)."""
+        port = port or free_port()
         argv = [
             str(BIN / "python"),
             "-m",
@@ -134,10 +139,11 @@ class Stack:
         self.api_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200, 60, "the api")
 
-    def start_worker(self, wait: bool = True, pool: str = "solo") -> Proc:
+    def start_worker(self, wait: bool = True, pool: str = "solo", new_session: bool = False) -> Proc:
         """Start ``celery -A worker.celery_app worker`` (no -Q: the app's default queue is the GPU queue).
 
         ``pool="prefork"`` is the deployment default (one child process, EBCA_WORKER_CONCURRENCY=1).
+        ``new_session``: the worker leads its own process group (see :func:`spawn`).
         """
         self._count += 1
         name = f"{self.name}-w{self._count}"
@@ -145,7 +151,7 @@ class Stack:
             str(BIN / "celery"), "-A", "worker.celery_app", "worker", f"--pool={pool}",
             "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
-        proc = spawn(name, argv, self.env, self.logdir)
+        proc = spawn(name, argv, self.env, self.logdir, new_session=new_session)
         self.workers.append(proc)
         if wait:
             self.wait_worker(proc)

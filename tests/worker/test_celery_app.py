@@ -29,3 +29,15 @@ def test_one_runner_per_process_with_its_clients() -> None:
     first = tasks.runner()
     assert tasks.runner() is first
     assert first.store is tasks.runner().store and first.storage is tasks.runner().storage
+
+
+def test_heartbeat_reports_the_jobs_held_and_a_warm_shutdown() -> None:
+    from worker.celery_app import Heartbeat
+
+    beat = Heartbeat()
+    with beat.holding("a"), beat.holding("b"):
+        assert beat.jobs() == {"a", "b"}
+    assert beat.jobs() == set()
+    assert not beat.stopping
+    beat.shut_down()  # what the SIGTERM handler calls: running jobs are handed back at their next step
+    assert beat.stopping

@@ -2,37 +2,48 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ebca_common.jobs import JobStatus
 from ebca_common.settings import Settings
 from ebca_common.specs import EnergySpec, parse_generate
 from ebca_common.storage import LocalStorage
-from ebca_common.store import JobStore
+from ebca_common.store import JobStore, StepVerdict
 from ebca_core import Schedule
 from worker import pipelines
+from worker import runner as runner_module
 from worker.pipelines import PipelineCache
 from worker.runner import JobRunner, energy_config
 
 
 class SpyStore(JobStore):
-    """The real store, recording progress calls and optionally cancelling at a given step."""
+    """The real store, recording progress calls; optionally it cancels at a given step, sleeps at
+    every step or calls ``on_step(step)`` first."""
 
     cancel_at: int | None = None
+    step_delay: float = 0.0
+    on_step: Callable[[int], None] | None = None
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.calls: list[tuple[str, int, int]] = []
 
-    def progress(self, job_id: str, stage: str, step: int, total: int) -> bool:
+    def progress(self, job_id: str, lease: str, stage: str, step: int, total: int) -> StepVerdict:
         self.calls.append((stage, step, total))
+        if stage == "denoising":
+            time.sleep(self.step_delay)
+            if self.on_step is not None:
+                self.on_step(step)
         if self.cancel_at is not None and stage == "denoising" and step == self.cancel_at:
             self.cancel(job_id)
-        return super().progress(job_id, stage, step, total)
+        return super().progress(job_id, lease, stage, step, total)
 
 
 @pytest.fixture
@@ -54,7 +65,11 @@ def submit(store: JobStore, settings: Settings, **body: Any) -> str:
     request = parse_generate({"prompt": "a red circle", "steps": 3, "seed": 5, **body})
     data = request.model_dump(mode="json") | {"model": settings.default_model_id}
     job, _ = store.create(
-        kind="generate", mode=None, request=data, total_steps=request.steps * request.num_images
+        kind="generate",
+        mode=None,
+        request=data,
+        total_steps=request.steps * request.num_images,
+        timeout_seconds=request.timeout_seconds,
     )
     return job.id
 
@@ -179,28 +194,92 @@ def test_every_job_starts_from_the_models_own_scheduler(settings: Settings) -> N
     assert cache.get(settings.default_model_id).scheduler is original
 
 
-def test_a_store_outage_mid_job_is_raised_for_a_retry(
+def test_a_store_outage_mid_job_does_not_stop_it(
     runner: JobRunner, store: SpyStore, settings: Settings
 ) -> None:
-    from redis.exceptions import ConnectionError as RedisConnectionError
+    """A Redis restart while a job runs: the steps meanwhile go unrecorded, the job carries on, and its
+    end is recorded once the store answers again (no attempt is spent on it)."""
+    real_progress, real_finish = store.progress, store.finish
+    finish_failures = iter([True, True])
 
-    calls = {"n": 0}
-    real_progress = store.progress
-
-    def flaky(job_id: str, stage: str, step: int, total: int) -> bool:
-        calls["n"] += 1
-        if stage == "denoising" and step == 2 and calls["n"] < 10:
+    def flaky_progress(job_id: str, lease: str, stage: str, step: int, total: int) -> StepVerdict:
+        if stage == "denoising" and step in (1, 2):
             raise RedisConnectionError("connection reset")
-        return real_progress(job_id, stage, step, total)
+        return real_progress(job_id, lease, stage, step, total)
 
-    store.progress = flaky  # type: ignore[method-assign]
+    def flaky_finish(*args: Any, **kwargs: Any) -> bool:
+        if next(finish_failures, False):
+            raise RedisConnectionError("connection refused")
+        return real_finish(*args, **kwargs)
+
+    store.progress = flaky_progress  # type: ignore[method-assign]
+    store.finish = flaky_finish  # type: ignore[method-assign]
     job_id = submit(store, settings)
-    with pytest.raises(RedisConnectionError):
-        runner.run(job_id)  # not recorded as a job failure: the Celery task retries it
-    assert store.get(job_id).status == JobStatus.RUNNING
-    calls["n"] = 100
     assert runner.run(job_id) == "succeeded"
-    assert store.get(job_id).attempts == 2
+    job = store.get(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.progress.step == 3
+
+
+def test_a_job_past_its_deadline_stops_at_the_next_step(
+    runner: JobRunner, store: SpyStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Clock:
+        """The runner's clock, a minute ahead from step 3 on: past the job's 60 s deadline there."""
+
+        ahead = 0.0
+        perf_counter = staticmethod(time.perf_counter)
+        sleep = staticmethod(time.sleep)
+
+        @classmethod
+        def time(cls) -> float:
+            return time.time() + cls.ahead
+
+    monkeypatch.setattr(runner_module, "time", Clock)
+    job_id = submit(store, settings, steps=10, timeout_seconds=60)
+    store.on_step = lambda step: setattr(Clock, "ahead", 61.0 if step >= 3 else 0.0)
+    assert runner.run(job_id) == "timeout"
+    job = store.get(job_id)
+    assert job.status == JobStatus.FAILED and job.error.code == "timeout"
+    assert "timeout_seconds=60" in job.error.message and job.result is None
+    assert job.progress.step == 3  # stopped at the first step past the deadline
+    Clock.ahead, store.on_step = 0.0, None
+    assert runner.run(submit(store, settings)) == "succeeded"  # the worker is free at once
+
+
+def test_a_job_taken_over_elsewhere_is_dropped_without_writing(
+    runner: JobRunner, store: SpyStore, settings: Settings
+) -> None:
+    job_id = submit(store, settings, steps=10)
+
+    def taken_over(step: int) -> None:
+        if step == 2:  # the sweep found this worker's lease lapsed and another worker began the job
+            store.r.hset(store.job_key(job_id), mapping=store._encode({"lease": "other:9", "attempts": 2}))
+
+    store.on_step = taken_over
+    assert runner.run(job_id) == "lease_lost"
+    record = store.require(job_id)
+    assert (record.status, record.lease, record.attempts) == (JobStatus.RUNNING, "other:9", 2)
+    assert record.progress.step == 1 and record.result is None  # step 2 on was not written
+    assert not (Path(settings.storage_root) / "jobs" / job_id).exists()
+
+
+def test_a_stopping_worker_hands_its_job_back(store: SpyStore, settings: Settings) -> None:
+    stopping = {"now": False}
+    runner = JobRunner(
+        store, LocalStorage(settings.storage_root), PipelineCache(settings), "test:1", lambda: stopping["now"]
+    )
+    job_id = submit(store, settings, steps=10)
+    later = submit(store, settings)
+    store.on_step = lambda step: stopping.update(now=step >= 2)
+    assert runner.run(job_id) == "handed_back"
+    job = store.get(job_id)
+    # Back in line at its old place (ahead of the job submitted after it), its attempt kept.
+    assert (job.status, job.queue_position, job.attempts) == (JobStatus.QUEUED, 0, 1)
+    assert job.progress.stage == "queued" and job.progress.step == 0
+    assert store.get(later).queue_position == 1
+    stopping["now"] = False
+    store.on_step = None
+    assert runner.run(job_id) == "succeeded" and store.get(job_id).attempts == 2
 
 
 def test_null_steps_run_the_models_own_defaults(settings: Settings) -> None:
