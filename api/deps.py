@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
+from api.auth import KeyRing
 from api.service import JobService
 from ebca_common.settings import Settings
 from ebca_common.storage import Storage
@@ -24,6 +25,7 @@ class Services:
     storage: Storage
     jobs: JobService
     registry: CollectorRegistry
+    keyring: KeyRing
 
 
 def services(request: Request) -> Services:

@@ -40,11 +40,13 @@ ERROR_SCHEMA = {
 ERRORS = {
     code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
     for code, text in {
-        404: "Unknown job or image.",
+        401: "No API key, or an unknown or revoked one (WWW-Authenticate: Bearer).",
+        403: "This needs an admin API key.",
+        404: "Unknown job or image, or a job of another API key.",
         409: "Idempotency conflict, or cancel of a finished job.",
         413: "Upload or body over the configured limit.",
         422: "Invalid request; `field` names the field.",
-        429: "Queue full (Retry-After).",
+        429: "Queue full, or a quota of the API key reached (Retry-After, RateLimit-* headers).",
         503: "Redis or the queue unreachable (Retry-After); nothing was created.",
     }.items()
 }

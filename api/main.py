@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
+from api.auth import KeyRing, current_caller, startup_warnings
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import build_registry
 from api.openapi import build_openapi
-from api.routers import jobs, service, submit
+from api.routers import jobs, keys, service, submit
 from api.service import JobService, Publisher
 from ebca_common.queueing import CeleryPublisher
 from ebca_common.settings import Settings, get_settings
@@ -42,10 +44,12 @@ def create_app(
     storage = storage or storage_from_settings(settings)
     publisher = publisher or CeleryPublisher(settings)
     registry, http_requests = build_registry(store)
+    keyring = KeyRing(settings, store)
     sweeper = Sweeper(settings, publisher, store) if sweep else None  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        startup_warnings(settings, keyring)
         if sweeper is not None:
             sweeper.start()
         yield
@@ -65,8 +69,24 @@ def create_app(
         storage=storage,
         jobs=JobService(settings, store, storage, publisher),
         registry=registry,
+        keyring=keyring,
     )
     install_error_handlers(app, settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=[
+                "Location",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+                "RateLimit-Policy",
+            ],  # fmt: skip
+        )
 
     @app.middleware("http")
     async def _count_requests(request: Request, call_next: Any) -> Response:
@@ -76,8 +96,10 @@ def create_app(
         http_requests.labels(request.method, path, str(response.status_code)).inc()
         return response
 
-    for router in (submit.router, jobs.router, service.router):
-        app.include_router(router)
+    app.include_router(service.health)  # liveness and readiness: no key
+    # Everything else needs a key (routes that use the caller declare it too; FastAPI runs it once).
+    for router in (submit.router, jobs.router, keys.router, service.router):
+        app.include_router(router, dependencies=[Depends(current_caller)])
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -10,14 +10,16 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
+from api.quotas import Quotas
 from ebca_common.errors import ObjectNotFound, Unavailable, ValidationFailed
 from ebca_common.images import check_image_size, check_mask, decode_image
 from ebca_common.jobs import Job, JobStatus
+from ebca_common.keys import Caller
 from ebca_common.refs import resolve_ref
 from ebca_common.settings import Settings
 from ebca_common.specs import (
@@ -53,6 +55,8 @@ class Upload:
 class Submission:
     job: Job
     created: bool
+    #: RateLimit-* fields describing the caller's submit bucket (api/quotas.py).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def fingerprint(endpoint: str, body: Any, uploads: dict[str, Upload] | None = None) -> str:
@@ -79,6 +83,7 @@ class JobService:
         self.store = store
         self.storage = storage
         self.publisher = publisher
+        self.quotas = Quotas(store)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _fill_model(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +94,12 @@ class JobService:
     def _submit(
         self,
         *,
+        caller: Caller,
         kind: str,
         mode: str | None,
         request: dict[str, Any],
         total_steps: int,
+        images: int,
         job_id: str,
         idempotency_key: str | None,
         fp: str,
@@ -100,72 +107,86 @@ class JobService:
         inputs: dict[str, str] | None = None,
         before_publish: Callable[[], None] | None = None,
     ) -> Submission:
-        """Create the job, run ``before_publish`` (store its uploads), then queue it. If any step after
-        the creation fails, the job is removed again: a client never sees a job that cannot run, and
-        nothing is written for a request that is refused (Redis down: nothing at all)."""
+        """Take the caller's quota, create the job, run ``before_publish`` (store its uploads), then
+        queue it. If any step after the quota fails, what was taken is given back and the job removed
+        again: a client never sees a job that cannot run, and a refused request changes nothing
+        (Redis down: nothing at all)."""
         idempotency = (idempotency_key, fp) if idempotency_key else None
         request["timeout_seconds"] = self._timeout(request.get("timeout_seconds"))
-        job, created = self.store.create(
-            kind=kind,
-            mode=mode,
-            request=request,
-            total_steps=total_steps,
-            plan=plan,
-            inputs=inputs,
-            job_id=job_id,
-            idempotency=idempotency,
-            timeout_seconds=request["timeout_seconds"],
-        )
-        if created:
-            try:
-                if before_publish is not None:
-                    before_publish()
-                self.publisher.publish(job.id)
-            except Exception:
-                # The job was never queued: remove it so no client ever sees a job that cannot run.
-                self.store.discard(job.id, idempotency_key)
-                for key in (inputs or {}).values():
-                    try:
-                        self.storage.delete(key)
-                    except Exception:  # best effort: the refusal below is what the client needs
-                        pass
-                raise
-            with contextlib.suppress(Unavailable):  # the grace just runs from the creation instead
-                self.store.mark_published(job.id)
-        return Submission(job, created)
+        reservation = self.quotas.reserve(caller, job_id, images)
+        try:
+            job, created = self.store.create(
+                kind=kind,
+                mode=mode,
+                request=request,
+                total_steps=total_steps,
+                plan=plan,
+                inputs=inputs,
+                job_id=job_id,
+                idempotency=idempotency,
+                timeout_seconds=request["timeout_seconds"],
+                owner=caller.owner,
+            )
+        except Exception:
+            self.quotas.release(reservation)
+            raise
+        if not created:  # an identical request with this Idempotency-Key won the race
+            self.quotas.release(reservation)
+            return Submission(job, created)
+        try:
+            if before_publish is not None:
+                before_publish()
+            self.publisher.publish(job.id)
+        except Exception:
+            # The job was never queued: remove it so no client ever sees a job that cannot run.
+            self.store.discard(job.id, idempotency_key, caller.owner)
+            self.quotas.release(reservation)
+            for key in (inputs or {}).values():
+                try:
+                    self.storage.delete(key)
+                except Exception:  # best effort: the refusal below is what the client needs
+                    pass
+            raise
+        with contextlib.suppress(Unavailable):  # the grace just runs from the creation instead
+            self.store.mark_published(job.id)
+        return Submission(job, created, reservation.headers)
 
     def _timeout(self, value: int | None) -> int:
         """A request's timeout_seconds (validated by specs.check_limits), EBCA_JOB_TIMEOUT_SECONDS if none."""
         return self.settings.job_timeout_seconds if value is None else value
 
-    def _replay(self, idempotency_key: str | None, fp: str) -> Submission | None:
-        """Answer a retried request before doing any work (uploads) for it."""
+    def _replay(self, caller: Caller, idempotency_key: str | None, fp: str) -> Submission | None:
+        """Answer a retried request before doing any work (uploads, quota) for it."""
         if not idempotency_key:
             return None
-        job = self.store.lookup_idempotent(idempotency_key, fp)
+        job = self.store.lookup_idempotent(idempotency_key, fp, caller.owner)
         return Submission(job, False) if job else None
 
     # -- POST /generate ----------------------------------------------------------------------------------
-    def generate(self, body: Any, idempotency_key: str | None) -> Submission:
+    def generate(self, body: Any, idempotency_key: str | None, caller: Caller) -> Submission:
         request = parse_generate(body)
         check_limits(request, self.settings)
         fp = fingerprint("/generate", body)
-        replay = self._replay(idempotency_key, fp)
+        replay = self._replay(caller, idempotency_key, fp)
         if replay:
             return replay
         data = self._fill_model(request.model_dump(mode="json"))
         return self._submit(
+            caller=caller,
             kind="generate",
             mode=None,
             request=data,
             total_steps=_known_total(request),
+            images=request.num_images,
             job_id=uuid.uuid4().hex,
             idempotency_key=idempotency_key,
             fp=fp,
         )
 
     # -- POST /edit ------------------------------------------------------------------------------------
-    def edit(self, body: Any, uploads: dict[str, Upload], idempotency_key: str | None) -> Submission:
+    def edit(
+        self, body: Any, uploads: dict[str, Upload], idempotency_key: str | None, caller: Caller
+    ) -> Submission:
         request = parse_edit(body)
         check_limits(request, self.settings)
         fp = fingerprint("/edit", body, uploads)
@@ -174,7 +195,7 @@ class JobService:
             raise ValidationFailed(
                 f"{unknown[0]}: unexpected file part (send image and/or mask)", field=unknown[0]
             )
-        replay = self._replay(idempotency_key, fp)
+        replay = self._replay(caller, idempotency_key, fp)
         if replay:
             return replay
         job_id = uuid.uuid4().hex
@@ -182,20 +203,24 @@ class JobService:
             if uploads:
                 name = sorted(uploads)[0]
                 raise ValidationFailed(f"{name}: mode synthetic takes no uploaded files", field=name)
-            return self._synthetic(request, job_id, idempotency_key, fp)
+            return self._synthetic(request, job_id, idempotency_key, fp, caller)
         if isinstance(request, RealEditRequest) and "mask" in uploads:
             raise ValidationFailed("mask: mode real takes no mask", field="mask")
         data = self._fill_model(request.model_dump(mode="json"))
         inputs: dict[str, str] = {}
-        image = self._input_image(request.image_ref, uploads.get("image"), "image", job_id, data, inputs)
+        image = self._input_image(caller, request.image_ref, uploads.get("image"), "image", job_id, data,
+                                  inputs)  # fmt: skip
         if isinstance(request, InpaintRequest):
-            mask = self._input_image(request.mask_ref, uploads.get("mask"), "mask", job_id, data, inputs)
+            mask = self._input_image(caller, request.mask_ref, uploads.get("mask"), "mask", job_id, data,
+                                     inputs)  # fmt: skip
             check_mask(image, mask)
         return self._submit(
+            caller=caller,
             kind="edit",
             mode=request.mode,
             request=data,
             total_steps=_known_total(request),
+            images=request.num_images,
             job_id=job_id,
             idempotency_key=idempotency_key,
             fp=fp,
@@ -205,6 +230,7 @@ class JobService:
 
     def _input_image(
         self,
+        caller: Caller,
         ref: ImageRef | None,
         upload: Upload | None,
         name: str,
@@ -232,7 +258,7 @@ class JobService:
             raise ValidationFailed(
                 f"{name}: required (upload a file part {name!r} or give {ref_field})", field=name
             )
-        key = resolve_ref(self.store, ref, ref_field)
+        key = resolve_ref(self.store, ref, ref_field, caller.may_see)
         try:
             stored = self.storage.get(key)
         except ObjectNotFound:
@@ -249,10 +275,10 @@ class JobService:
             self.storage.put(key, uploads[name].data, CONTENT_TYPES.get(fmt, "application/octet-stream"))
 
     def _synthetic(
-        self, request: SyntheticEditRequest, job_id: str, idempotency_key: str | None, fp: str
+        self, request: SyntheticEditRequest, job_id: str, idempotency_key: str | None, fp: str, caller: Caller
     ) -> Submission:
         source = self.store.record(request.source_job_id)
-        if source is None:
+        if source is None or not caller.may_see(source.owner):
             raise ValidationFailed(
                 f"source_job_id: job {request.source_job_id!r} not found", field="source_job_id"
             )
@@ -277,10 +303,12 @@ class JobService:
         data = request.model_dump(mode="json")
         data["output_format"] = plan.output_format
         return self._submit(
+            caller=caller,
             kind="edit",
             mode="synthetic",
             request=data,
             total_steps=_known_total(plan),
+            images=plan.num_images,
             job_id=job_id,
             idempotency_key=idempotency_key,
             fp=fp,

@@ -13,11 +13,19 @@ class ServiceError(Exception):
     status_code: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, field: str | None = None, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        field: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.retry_after = retry_after
+        #: Further response headers (the RateLimit-* fields of a 429, WWW-Authenticate of a 401).
+        self.extra_headers = dict(headers or {})
 
     def body(self) -> dict[str, object]:
         error: dict[str, object] = {"code": self.code, "message": self.message}
@@ -26,7 +34,8 @@ class ServiceError(Exception):
         return {"error": error}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        retry = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        return {**self.extra_headers, **retry}
 
 
 class ValidationFailed(ServiceError):
@@ -34,6 +43,23 @@ class ValidationFailed(ServiceError):
 
     status_code = 422
     code = "validation_error"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one the service does not know (or revoked)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="ebca"'})
+
+
+class Forbidden(ServiceError):
+    """A valid key asking for what only an admin key may do (keys, metrics)."""
+
+    status_code = 403
+    code = "forbidden"
 
 
 class PayloadTooLarge(ServiceError):

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ebca_common.keys import ANONYMOUS
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -93,6 +95,7 @@ class Job(BaseModel):
     status: JobStatus = Field(..., description="queued, running, succeeded, failed or canceled.")
     progress: Progress = Field(..., description="Stage and denoising step of the current attempt.")
     queue_position: int | None = Field(None, description="0 = next to run; null unless queued.")
+    owner: str | None = Field(None, description="The id of the API key that created the job.")
     attempts: int = Field(0, description="How many times a worker started this job.")
     cancel_requested: bool = Field(False, description="A cancel was asked for; it stops at the next step.")
     created_at: str = Field(..., description="When the api accepted the job (ISO 8601, UTC).")
@@ -135,13 +138,18 @@ class JobRecord(BaseModel):
     inputs: dict[str, str] = Field(default_factory=dict)
     result: JobResult | None = None
     error: JobError | None = None
-    #: The id of the API key that created the job; None while auth is off.
+    #: The id of the API key that created the job ("anonymous" while EBCA_AUTH=off); None only on
+    #: records made before API keys existed (they count as the anonymous user's).
     owner: str | None = None
     #: The worker process (``host:pid``) running or last running the job; it holds the job while its
     #: heartbeat in ``{p}:workers`` is fresh.
     lease: str | None = None
     #: created_at + the request's timeout_seconds (ISO 8601 UTC); None for records made before deadlines.
     deadline_at: str | None = None
+
+    @property
+    def owner_id(self) -> str:
+        return self.owner or ANONYMOUS
 
     def past_deadline(self, now: float) -> bool:
         """Whether the job's time is up at unix time ``now`` (the one deadline rule: store and worker)."""
@@ -165,6 +173,7 @@ class JobRecord(BaseModel):
             status=self.status,
             progress=self.progress,
             queue_position=queue_position if self.status == JobStatus.QUEUED else None,
+            owner=self.owner_id,
             attempts=self.attempts,
             cancel_requested=self.cancel_requested,
             created_at=self.created_at,

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ebca_common.errors import ValidationFailed
 from ebca_common.jobs import JobStatus
 from ebca_common.specs import ImageRef
 from ebca_common.store import JobStore
 
 
-def resolve_ref(store: JobStore, ref: ImageRef, field: str) -> str:
-    """The storage key ``ref`` points at; 422 naming ``field`` when it points at nothing."""
+def resolve_ref(
+    store: JobStore, ref: ImageRef, field: str, visible: Callable[[str | None], bool] = lambda _: True
+) -> str:
+    """The storage key ``ref`` points at; 422 naming ``field`` when it points at nothing, or at a job
+    whose owner ``visible`` refuses (the api passes the caller's ``may_see``: another key's job is "not
+    found", as everywhere; the worker resolves what the api already checked)."""
     record = store.record(ref.job_id)
-    if record is None:
+    if record is None or not visible(record.owner):
         raise ValidationFailed(f"{field}.job_id: job {ref.job_id!r} not found", field=f"{field}.job_id")
     if ref.input is not None:
         key = record.inputs.get(ref.input)

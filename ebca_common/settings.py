@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ebca_common.keys import Limits
+
 #: The repository root: relative paths in settings are resolved against it, so the api and the worker
 #: agree on them whatever their working directory.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +114,34 @@ class Settings(BaseSettings):
     job_timeout_seconds: int = Field(900, ge=1, description="timeout_seconds of a request that gives none.")
     max_job_seconds: int = Field(3600, ge=1, description="Largest timeout_seconds a request may give.")
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Finished job records expire after.")
+
+    auth: Literal["required", "off"] = Field(
+        "required",
+        description="required: every request but /healthz and /readyz needs an API key (Bearer); off: "
+        "no keys, one trusted user (the api logs a warning).",
+    )
+    api_keys: str = Field(
+        "", description='Key entries as JSON: [{"name", "role", "hash": "sha256:...", "limits"?}].'
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file with the same JSON list, re-read when it changes (relative: repo root)."
+    )
+    key_rate_per_minute: float | None = Field(
+        60.0, gt=0, description="Default submits per minute of a user key (token bucket refill)."
+    )
+    key_burst: int | None = Field(
+        30, ge=1, description="Default bucket size: submits a user key may make at once."
+    )
+    key_max_active_jobs: int | None = Field(
+        32, ge=1, description="Default cap on a user key's jobs queued + running."
+    )
+    key_max_images_per_day: int | None = Field(
+        5000, ge=1, description="Default cap on the images a user key submits per UTC day."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS, comma-separated (none by default: same-origin only).",
+    )
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=60, description="Idempotency keys expire after.")
 
     @field_validator("models", mode="before")
@@ -126,6 +156,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"EBCA_MODELS must be a JSON object: {exc}") from exc
         return value
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _no_file(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
     @model_validator(mode="after")
     def _timeouts(self) -> Settings:
         if self.job_timeout_seconds > self.max_job_seconds:
@@ -134,6 +176,16 @@ class Settings(BaseSettings):
                 f"EBCA_MAX_JOB_SECONDS ({self.max_job_seconds})"
             )
         return self
+
+    @property
+    def default_limits(self) -> Limits:
+        """The limits of a user key whose entry sets none."""
+        return Limits(
+            rate_per_minute=self.key_rate_per_minute,
+            burst=self.key_burst,
+            max_active_jobs=self.key_max_active_jobs,
+            max_images_per_day=self.key_max_images_per_day,
+        )
 
     @property
     def storage_is_s3(self) -> bool:

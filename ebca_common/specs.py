@@ -320,13 +320,21 @@ def _is_text(value: str) -> bool:
     return True
 
 
-def parse_generate(data: Any) -> GenerateRequest:
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def parse_model(model: type[_Model], data: Any) -> _Model:
+    """Decoded JSON as ``model``; 422 naming the first field at fault."""
     if not isinstance(data, dict):
         raise ValidationFailed("the body must be a JSON object", field=None)
     try:
-        return GenerateRequest.model_validate(data)
+        return model.model_validate(data)
     except PydanticValidationError as exc:
         raise from_pydantic(exc) from None
+
+
+def parse_generate(data: Any) -> GenerateRequest:
+    return parse_model(GenerateRequest, data)
 
 
 def parse_edit(data: Any) -> InpaintRequest | RealEditRequest | SyntheticEditRequest:
@@ -338,13 +346,7 @@ def parse_edit(data: Any) -> InpaintRequest | RealEditRequest | SyntheticEditReq
     model = EDIT_MODELS.get(mode) if isinstance(mode, str) else None
     if model is None:
         raise ValidationFailed(f"mode: must be one of inpaint, real, synthetic; got {mode!r}", field="mode")
-    try:
-        return model.model_validate(data)  # type: ignore[return-value]
-    except PydanticValidationError as exc:
-        raise from_pydantic(exc) from None
-
-
-_Model = TypeVar("_Model", bound=BaseModel)
+    return parse_model(model, data)  # type: ignore[return-value]
 
 
 def stored_request(model: type[_Model], data: dict[str, Any]) -> _Model:

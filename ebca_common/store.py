@@ -8,7 +8,10 @@ Layout (``{p}`` = EBCA_KEY_PREFIX):
 - ``{p}:running``      set of running job ids
 - ``{p}:deadlines``    sorted set job id -> deadline (unix seconds) of jobs not yet finished
 - ``{p}:published``    sorted set job id -> when its broker message was last published or seen (queued jobs)
-- ``{p}:idem:{key}``   JSON {fingerprint, job_id} of an Idempotency-Key
+- ``{p}:idem:{owner}:{key}`` JSON {fingerprint, job_id} of an Idempotency-Key (scoped per API key)
+- ``{p}:jobs``         sorted set ``{owner}/{id}`` by submission sequence: every job record (GET /jobs)
+- ``{p}:owned:{owner}`` sorted set of the job ids of one API key by submission sequence
+- ``{p}:active:{owner}`` set of that key's queued and running job ids (its active-jobs quota)
 - ``{p}:workers``      sorted set worker id -> last heartbeat (unix seconds)
 - ``{p}:holds:{worker}`` set of the job ids that worker process reports running (its heartbeat rewrites it)
 - ``{p}:draining:{worker}`` present while that worker process is shutting down
@@ -44,6 +47,7 @@ from redis.exceptions import WatchError
 
 from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited, Unavailable
 from ebca_common.jobs import Job, JobError, JobRecord, JobResult, JobStatus, Progress, iso_utc
+from ebca_common.keys import ANONYMOUS
 from ebca_common.queueing import queued_job_ids
 from ebca_common.settings import Settings
 
@@ -70,6 +74,13 @@ StepVerdict = Literal["run", "cancel", "lost"]
 
 #: Seconds between two scans of the broker for lost messages (by any worker: a Redis lock).
 BROKER_SCAN_SECONDS = 5.0
+#: Index entries GET /jobs reads for one page at most (a rare status among many jobs: the client
+#: follows the cursor).
+LIST_SCAN_LIMIT = 1000
+#: Oldest entries of the job index checked per sweep for records that expired (EBCA_JOB_TTL_SECONDS).
+INDEX_TRIM_BATCH = 100
+#: Seconds between two such trims (by any sweep: a Redis lock).
+INDEX_TRIM_SECONDS = 60.0
 
 #: Progress of a running job, written only while the caller holds its lease (one round trip per step).
 #: KEYS[1] the job hash; ARGV: encoded "running", encoded lease, encoded progress, encoded true.
@@ -183,6 +194,66 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         return self.view(self.require(job_id))
 
+    def list_jobs(
+        self, owner: str | None, *, status: JobStatus | None, before: int | None, limit: int
+    ) -> tuple[list[Job], int | None]:
+        """Jobs newest first (``owner``'s, or every job when None), optionally of one status, with a
+        submission sequence below ``before``; returns the page and the cursor of the next one (None at
+        the end). Entries whose record expired are dropped from the index on the way."""
+        key = self.k("jobs") if owner is None else self.k("owned", owner)
+        top = "+inf" if before is None else f"({before}"
+        page: list[Job] = []
+        # Records are read in batches; a status filter may skip many, so a page may take a few batches
+        # (bounded: a cursor comes back after SCAN_LIMIT entries even if the page is not full).
+        scanned = 0
+        while len(page) < limit and scanned < LIST_SCAN_LIMIT:
+            with redis_errors():
+                batch = self.r.zrevrangebyscore(key, top, "-inf", start=0, num=limit, withscores=True)
+            if not batch:
+                return page, None
+            members = [str(m) for m, _ in batch]
+            ids = [m.rsplit("/", 1)[-1] for m in members]
+            with redis_errors(), self.r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self.job_key(job_id))
+                raws = pipe.execute()
+            gone = [m for m, raw in zip(members, raws, strict=True) if not raw]
+            if gone:
+                with redis_errors():
+                    self.r.zrem(key, *gone)
+            for (_member, score), raw in zip(batch, raws, strict=True):
+                scanned += 1
+                top = f"({int(score)}"
+                if not raw:
+                    continue
+                record = self._decode(raw)
+                if status is None or record.status == status:
+                    page.append(self.view(record))
+                if len(page) == limit:
+                    break
+        return page, int(top[1:])
+
+    def active_jobs(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are queued or running, after dropping ids that are no longer
+        (a submission that failed after its quota was reserved)."""
+        key = self.k("active", owner)
+        with redis_errors():
+            ids = sorted(self.r.smembers(key))
+            if not ids:
+                return 0
+            with self.r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(self.job_key(job_id), "status")
+                statuses = pipe.execute()
+            stale = [
+                job_id
+                for job_id, raw in zip(ids, statuses, strict=True)
+                if raw is None or self._decode_field("status", raw).terminal
+            ]
+            if stale:
+                self.r.srem(key, *stale)
+        return len(ids) - len(stale)
+
     def queue_depth(self) -> int:
         with redis_errors():
             return int(self.r.zcard(self.k("queue")))
@@ -209,15 +280,16 @@ class JobStore:
         job_id: str | None = None,
         idempotency: tuple[str, str] | None = None,
         timeout_seconds: int | None = None,
+        owner: str = ANONYMOUS,
     ) -> tuple[Job, bool]:
-        """Create a queued job; return (job, created). ``idempotency`` is (key, body fingerprint);
-        ``timeout_seconds`` sets ``deadline_at`` from now.
+        """Create a queued job owned by the API key ``owner``; return (job, created). ``idempotency``
+        is (key, body fingerprint), scoped to ``owner``; ``timeout_seconds`` sets ``deadline_at``.
 
         With an Idempotency-Key already used: the same fingerprint returns the existing job (created
         False), another fingerprint raises :class:`IdempotencyConflict`.
         """
         job_id = job_id or uuid.uuid4().hex
-        idem_key = self.k("idem", idempotency[0]) if idempotency else None
+        idem_key = self.k("idem", owner, idempotency[0]) if idempotency else None
         with redis_errors(), self.r.pipeline() as pipe:
             while True:
                 try:
@@ -248,6 +320,7 @@ class JobStore:
                         request=request,
                         plan=plan,
                         inputs=inputs or {},
+                        owner=owner,
                     )
                     pipe.multi()
                     if idem_key:
@@ -259,6 +332,9 @@ class JobStore:
                         )
                     pipe.hset(self.job_key(job_id), mapping=self._encode(dict(record)))
                     pipe.zadd(self.k("queue"), {job_id: seq})
+                    pipe.zadd(self.k("jobs"), {f"{owner}/{job_id}": seq})
+                    pipe.zadd(self.k("owned", owner), {job_id: seq})
+                    pipe.sadd(self.k("active", owner), job_id)
                     # Its message is due from now: the sweep looks for it in the broker after the grace.
                     pipe.zadd(self.k("published"), {job_id: now})
                     if deadline is not None:
@@ -274,10 +350,11 @@ class JobStore:
         with redis_errors():
             self.r.zadd(self.k("published"), {job_id: time.time()}, xx=True)
 
-    def lookup_idempotent(self, key: str, fingerprint: str) -> Job | None:
-        """The job an Idempotency-Key already made (same fingerprint), None if unused; 409 otherwise."""
+    def lookup_idempotent(self, key: str, fingerprint: str, owner: str = ANONYMOUS) -> Job | None:
+        """The job an Idempotency-Key of ``owner`` already made (same fingerprint), None if unused; 409
+        otherwise."""
         with redis_errors():
-            raw = self.r.get(self.k("idem", key))
+            raw = self.r.get(self.k("idem", owner, key))
         return None if raw is None else self._replay(json.loads(raw), fingerprint)
 
     def _replay(self, existing: dict[str, Any], fingerprint: str) -> Job | None:
@@ -293,14 +370,16 @@ class JobStore:
             )
         return self.view(record)
 
-    def discard(self, job_id: str, idempotency_key: str | None = None) -> None:
+    def discard(self, job_id: str, idempotency_key: str | None = None, owner: str = ANONYMOUS) -> None:
         """Remove a job that was never handed to the queue (the broker refused it)."""
         with redis_errors(), self.r.pipeline() as pipe:
             pipe.delete(self.job_key(job_id))
-            self._unindex(pipe, job_id)
+            self._unindex(pipe, job_id, owner)
+            pipe.zrem(self.k("jobs"), f"{owner}/{job_id}")
+            pipe.zrem(self.k("owned", owner), job_id)
             pipe.hincrby(self.k("stats"), JobStatus.QUEUED.value, -1)
             if idempotency_key:
-                pipe.delete(self.k("idem", idempotency_key))
+                pipe.delete(self.k("idem", owner, idempotency_key))
             pipe.execute()
 
     # -- transactions --------------------------------------------------------------------------------
@@ -330,17 +409,19 @@ class JobStore:
                 except WatchError:
                     continue
 
-    def _unindex(self, pipe: Any, job_id: str) -> None:
-        """Remove a job from every index of unfinished jobs."""
+    def _unindex(self, pipe: Any, job_id: str, owner: str | None) -> None:
+        """Remove a job from every index of unfinished jobs (``owner``: the job's, None when unknown)."""
         pipe.zrem(self.k("queue"), job_id)
         pipe.srem(self.k("running"), job_id)
         pipe.zrem(self.k("deadlines"), job_id)
         pipe.zrem(self.k("published"), job_id)
+        if owner is not None:
+            pipe.srem(self.k("active", owner), job_id)
 
     def _finish_fields(
         self,
         pipe: Any,
-        job_id: str,
+        record: JobRecord,
         status: JobStatus,
         *,
         result: JobResult | None = None,
@@ -352,9 +433,9 @@ class JobStore:
                                   "error": error}  # fmt: skip
         if progress is not None:
             fields["progress"] = progress
-        key = self.job_key(job_id)
+        key = self.job_key(record.id)
         pipe.hset(key, mapping=self._encode(fields))
-        self._unindex(pipe, job_id)
+        self._unindex(pipe, record.id, record.owner_id)
         pipe.hincrby(self.k("stats"), status.value, 1)
         pipe.expire(key, self.settings.job_ttl_seconds)
 
@@ -384,7 +465,7 @@ class JobStore:
                 pipe.hset(self.job_key(job_id), mapping=self._encode({"cancel_requested": True}))
                 if record.status == JobStatus.QUEUED:
                     # Never started: canceled at once; its queue message is dropped on delivery.
-                    self._finish_fields(pipe, job_id, JobStatus.CANCELED)
+                    self._finish_fields(pipe, record, JobStatus.CANCELED)
 
             return None, write
 
@@ -430,8 +511,8 @@ class JobStore:
                 return _End("exhausted", JobStatus.FAILED, error)
         return None
 
-    def _end(self, job_id: str, end: _End) -> Callable[[Any], None]:
-        return lambda pipe: self._finish_fields(pipe, job_id, end.status, error=end.error)
+    def _end(self, record: JobRecord, end: _End) -> Callable[[Any], None]:
+        return lambda pipe: self._finish_fields(pipe, record, end.status, error=end.error)
 
     # -- worker side ---------------------------------------------------------------------------------
     def begin(self, job_id: str, worker_id: str) -> Begin:
@@ -458,7 +539,7 @@ class JobStore:
                 return Begin("duplicate", record), None
             end = self._must_end(record, now)
             if end is not None:
-                return Begin(end.outcome, record), self._end(job_id, end)
+                return Begin(end.outcome, record), self._end(record, end)
             started = {
                 "status": JobStatus.RUNNING,
                 "attempts": record.attempts + 1,
@@ -520,8 +601,9 @@ class JobStore:
         def decide(record: JobRecord | None) -> tuple[bool, Callable[[Any], None] | None]:
             if not self._held_by(lease, record):
                 return False, None
+            assert record is not None
             return True, lambda pipe: self._finish_fields(
-                pipe, job_id, status, result=result, error=error, progress=progress
+                pipe, record, status, result=result, error=error, progress=progress
             )
 
         return self._transact(job_id, decide)  # type: ignore[no-any-return]
@@ -552,7 +634,7 @@ class JobStore:
 
         def decide(record: JobRecord | None) -> tuple[SettleOutcome, Callable[[Any], None] | None]:
             if record is None or record.status.terminal:
-                return "gone", lambda pipe: self._unindex(pipe, job_id)
+                return "gone", lambda pipe: self._unindex(pipe, job_id, record.owner_id if record else None)
             if record.status == JobStatus.RUNNING and self.lease_live(record, now):
                 if not record.past_deadline(now - self.settings.heartbeat_ttl):
                     return "kept", None
@@ -560,7 +642,7 @@ class JobStore:
             else:
                 end = self._must_end(record, now)
             if end is not None:
-                return end.outcome, self._end(job_id, end)
+                return end.outcome, self._end(record, end)
             if record.status == JobStatus.QUEUED:
                 return "kept", None
             return "requeued", lambda pipe: self._requeue_fields(pipe, record, now)
@@ -600,7 +682,27 @@ class JobStore:
                     report.setdefault("republished", []).append(job_id)
                     self._publish(publish, job_id)
                 self.r.zadd(self.k("published"), {job_id: time.time()}, xx=True)
+        if self.r.set(self.k("sweep", "trim"), "1", nx=True, px=int(INDEX_TRIM_SECONDS * 1000)):
+            self._trim_index()
         return report
+
+    def _trim_index(self) -> None:
+        """Drop the job-index entries (GET /jobs) of the oldest records that have expired."""
+        oldest = [str(m) for m in self.r.zrange(self.k("jobs"), 0, INDEX_TRIM_BATCH - 1)]
+        with self.r.pipeline(transaction=False) as pipe:
+            for member in oldest:
+                pipe.exists(self.job_key(member.rsplit("/", 1)[-1]))
+            present = pipe.execute()
+        gone = [member for member, exists in zip(oldest, present, strict=True) if not exists]
+        if not gone:
+            return
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.k("jobs"), *gone)
+            for member in gone:
+                owner, job_id = member.rsplit("/", 1)
+                pipe.zrem(self.k("owned", owner), job_id)
+                pipe.srem(self.k("active", owner), job_id)
+            pipe.execute()
 
     @staticmethod
     def _publish(publish: Callable[[str], None], job_id: str) -> None:

@@ -9,6 +9,10 @@
 # EBCA_STACK_VAR, EBCA_STACK_READY_TIMEOUT (seconds, default 180), EBCA_STACK_STOP_TIMEOUT (default 15).
 # Every EBCA_* service setting (see .env.example) is passed through to the API and the worker, except
 # EBCA_REDIS_URL, which always points at the private Redis started here.
+#
+# API keys are required (EBCA_AUTH=required, the default): the first run makes an admin key for this
+# machine, keeps it in VAR/api_key (its digest in VAR/api_keys.json) and prints it with the sample
+# command; later runs reuse it. Set EBCA_API_KEYS_FILE to use a keys file of your own instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -73,6 +77,21 @@ if [ -n "$MODEL" ]; then
   export EBCA_DEFAULT_MODEL="$MODEL"
 fi
 MODEL_SHOWN="${EBCA_DEFAULT_MODEL:-models/shapes}"
+# An API key for this machine: made once (python -m api.keys), the key itself readable by its owner only.
+API_KEY="${EBCA_API_KEY:-}"
+if [ "${EBCA_AUTH:-required}" != "off" ] && [ -z "${EBCA_API_KEYS_FILE:-}" ]; then
+  export EBCA_API_KEYS_FILE="$VAR/api_keys.json"
+  if [ ! -s "$VAR/api_key" ] || [ ! -s "$EBCA_API_KEYS_FILE" ]; then
+    (umask 077 && "$PY" -m api.keys create local --admin --file "$EBCA_API_KEYS_FILE" --quiet > "$VAR/api_key.new") \
+      || die "could not make an API key (see above)"
+    mv -f "$VAR/api_key.new" "$VAR/api_key"
+    echo "serve: made an API key for this machine (admin), kept in $VAR/api_key"
+  fi
+  API_KEY="$(cat "$VAR/api_key")"
+fi
+KEY_ARG=""
+if [ "${EBCA_AUTH:-required}" != "off" ]; then KEY_ARG=" --api-key ${API_KEY:-<your key>}"; fi
+
 if [ -z "${EBCA_DEFAULT_MODEL:-}" ] && [ ! -f models/shapes/model_index.json ]; then
   echo "serve: warning: the built-in model models/shapes is not in this checkout yet; jobs will fail" >&2
   echo "serve:          with model_not_found. Point --model (or EBCA_DEFAULT_MODEL) at a diffusers model." >&2
@@ -169,8 +188,9 @@ done
 
 cat <<EOF
 serve: EBCA Serve is ready at $URL  (API docs: $URL/docs)
+serve: API key: ${API_KEY:-none (EBCA_AUTH=off)}
 serve: try it from another terminal:
-  .venv/bin/ebca --url $URL generate "a red circle and a blue square" --gamma-attn 0.01 --gamma-norm 0.02 --weight circle=2 -o out/
+  .venv/bin/ebca --url $URL$KEY_ARG generate "a red circle and a blue square" --gamma-attn 0.01 --gamma-norm 0.02 --weight circle=2 -o out/
 serve: press Ctrl-C to stop the stack
 EOF
 

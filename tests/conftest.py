@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from testkeys import TestKeys
 
 # Tests never touch the network: the hub client must fail fast instead of trying to download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,10 +62,16 @@ def shapes_pipeline() -> EBCAPipeline:
     return load_pipeline(SHAPES_MODEL_DIR, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def keys() -> type[TestKeys]:
+    return TestKeys
+
+
 @pytest.fixture
 def store_settings(tmp_path: Path):
     """Service settings on the shared Redis (127.0.0.1:6379 db 0) under a key prefix of this test
-    alone, whose keys are deleted afterwards; local storage in tmp_path. Skips without Redis."""
+    alone, whose keys are deleted afterwards; local storage in tmp_path; the :class:`TestKeys`
+    configured (auth is required, as by default). Skips without Redis."""
     import uuid
 
     import redis
@@ -84,6 +91,7 @@ def store_settings(tmp_path: Path):
         default_model="models/shapes",
         models={},
         heartbeat_ttl=2.0,
+        api_keys=TestKeys.entries_json(),
     )
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:

@@ -1,26 +1,69 @@
-"""A job's record, its cancellation and its images."""
+"""The caller's jobs: the list, one job's record, its cancellation and its images.
+
+Every route loads a job through :data:`api.auth.OwnedJob`: a job of another API key is a 404, the
+same answer as for one that does not exist (docs/API.md, "API keys and ownership").
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from typing import Annotated
 
-from api.deps import StorageDep, StoreDep
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+
+from api.auth import CallerDep, OwnedJob
+from api.deps import SettingsDep, StorageDep, StoreDep
 from api.errors import ERRORS
-from ebca_common.errors import NotFound
+from ebca_common.errors import Forbidden, NotFound, ValidationFailed
 from ebca_common.jobs import Job, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+#: Result images never change once stored (a job id and index name one image for good), but belong to
+#: one key: caches may keep them for a year, shared caches not at all.
+IMMUTABLE = "private, max-age=31536000, immutable"
+
+
+class JobPage(BaseModel):
+    jobs: list[Job] = Field(..., description="Jobs, newest first.")
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
+
+
+@router.get("", response_model=JobPage, responses=ERRORS, summary="The caller's jobs, newest first")
+def list_jobs(
+    caller: CallerDep,
+    store: StoreDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+    cursor: Annotated[str | None, Query(max_length=20, description="From the previous page.")] = None,
+    owner: Annotated[
+        str | None, Query(max_length=100, description="Admin keys: only this key's jobs (default: all).")
+    ] = None,
+) -> JSONResponse:
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
+        raise ValidationFailed("cursor: not a cursor of this list (pass next_cursor as is)", field="cursor")
+    if caller.is_admin:
+        scope = owner  # None: every job
+    elif owner is not None and owner != caller.owner:
+        raise Forbidden("owner: only an admin key may list another key's jobs")
+    else:
+        scope = caller.owner
+    jobs, after = store.list_jobs(
+        scope, status=status, before=None if cursor is None else int(cursor), limit=limit
+    )
+    page = JobPage(jobs=jobs, next_cursor=None if after is None else str(after))
+    return JSONResponse(page.model_dump(mode="json"))
+
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS, summary="A job's state and result")
-def get_job(job_id: str, store: StoreDep) -> JSONResponse:
-    return JSONResponse(store.get(job_id).model_dump(mode="json"))
+def get_job(record: OwnedJob, store: StoreDep) -> JSONResponse:
+    return JSONResponse(store.view(record).model_dump(mode="json"))
 
 
 @router.delete("/{job_id}", status_code=202, response_model=Job, responses=ERRORS, summary="Cancel a job")
-def cancel_job(job_id: str, store: StoreDep) -> JSONResponse:
-    return JSONResponse(store.cancel(job_id).model_dump(mode="json"), status_code=202)
+def cancel_job(record: OwnedJob, store: StoreDep) -> JSONResponse:
+    return JSONResponse(store.cancel(record.id).model_dump(mode="json"), status_code=202)
 
 
 @router.get(
@@ -32,15 +75,17 @@ def cancel_job(job_id: str, store: StoreDep) -> JSONResponse:
     },
     summary="Download a result image",
 )
-def get_image(job_id: str, index: int, store: StoreDep, storage: StorageDep) -> Response:
-    record = store.require(job_id)
+def get_image(record: OwnedJob, index: int, storage: StorageDep, settings: SettingsDep) -> Response:
     if record.status != JobStatus.SUCCEEDED or record.result is None:
-        raise NotFound(f"job {job_id!r} is {record.status.value}; it has no images")
+        raise NotFound(f"job {record.id!r} is {record.status.value}; it has no images")
     images = record.result.images
     if not 0 <= index < len(images):
-        raise NotFound(f"job {job_id!r} has {len(images)} image(s); no image {index}")
+        raise NotFound(f"job {record.id!r} has {len(images)} image(s); no image {index}")
     image = images[index]
     url = storage.presigned_url(image.key)
     if url is not None:
-        return RedirectResponse(url, status_code=307)
-    return Response(storage.get(image.key), media_type=image.content_type)
+        # The presigned URL expires: a cached redirect must not outlive it.
+        ttl = max(0, settings.presign_seconds // 2)
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": f"private, max-age={ttl}"})
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": IMMUTABLE}
+    return Response(storage.get(image.key), media_type=image.content_type, headers=headers)

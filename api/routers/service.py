@@ -1,4 +1,8 @@
-"""The service itself: its models, liveness, readiness and metrics."""
+"""The service itself: its models, liveness, readiness and metrics.
+
+``health`` (liveness and readiness) is open to anyone, for load balancers and orchestrators; the rest
+needs an API key, and /metrics an admin key (Prometheus sends it as a bearer token: docs/DEPLOY.md).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,14 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.auth import AdminDep
 from api.deps import ServicesDep, SettingsDep, StoreDep
 from api.errors import ERRORS, error_response
 from ebca_common.errors import Unavailable
 from ebca_common.model_defaults import defaults_of
 
 router = APIRouter(tags=["service"])
+health = APIRouter(tags=["service"])
 
 
 @router.get("/models", summary="Models that jobs may name, with the defaults of each")
@@ -34,12 +40,12 @@ def models(settings: SettingsDep, store: StoreDep) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz", summary="The api process is up")
+@health.get("/healthz", summary="The api process is up")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis answers and at least one worker is alive", responses=ERRORS)
+@health.get("/readyz", summary="Redis answers and at least one worker is alive", responses={503: ERRORS[503]})
 def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     try:
         store.ping()
@@ -54,6 +60,6 @@ def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "workers": len(workers)})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(services: ServicesDep) -> Response:
+@router.get("/metrics", summary="Prometheus metrics (admin key)", response_class=Response, responses=ERRORS)
+def metrics(services: ServicesDep, _: AdminDep) -> Response:
     return Response(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)

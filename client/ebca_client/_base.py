@@ -32,13 +32,17 @@ from ebca_client.errors import (
     TransportError,
 )
 from ebca_client.models import (
+    CallerInfo,
     GenerateRequest,
     InpaintRequest,
     JobEvent,
     JobInfo,
+    JobPage,
     JobStatus,
+    KeyInfo,
     ModelInfo,
     ModelList,
+    NewKey,
     RealEditRequest,
     SyntheticEditRequest,
     _Request,
@@ -337,6 +341,33 @@ class BaseClient(Generic[_JobR]):
     def _models_flow(self) -> Flow[list[ModelInfo]]:
         response = yield from self._send_flow(RequestSpec("GET", "/models"))
         return ModelList.model_validate(response.json()).models
+
+    def _jobs_flow(self, status: str | None, limit: int, cursor: str | None) -> Flow[JobPage]:
+        params = {
+            "limit": str(limit),
+            **({"status": status} if status else {}),
+            **({"cursor": cursor} if cursor else {}),
+        }
+        response = yield from self._send_flow(RequestSpec("GET", "/jobs", params=params))
+        return JobPage.model_validate(response.json())
+
+    def _whoami_flow(self) -> Flow[CallerInfo]:
+        return CallerInfo.model_validate((yield from self._send_flow(RequestSpec("GET", "/keys/me"))).json())
+
+    def _keys_flow(self) -> Flow[list[KeyInfo]]:
+        response = yield from self._send_flow(RequestSpec("GET", "/keys"))
+        return [KeyInfo.model_validate(item) for item in response.json()]
+
+    def _create_key_flow(self, name: str, role: str, limits: Mapping[str, Any]) -> Flow[NewKey]:
+        # Not retried on a transport error: a lost answer to a POST that did make a key would make a
+        # second one (the first is then listed by keys() and can be revoked).
+        body = {"name": name, "role": role, **({"limits": dict(limits)} if limits else {})}
+        response = yield from self._send_flow(RequestSpec("POST", "/keys", json_body=body))
+        return NewKey.model_validate(response.json())
+
+    def _revoke_key_flow(self, key_id: str) -> Flow[KeyInfo]:
+        response = yield from self._send_flow(RequestSpec("DELETE", f"/keys/{key_id}"))
+        return KeyInfo.model_validate(response.json())
 
     def _health_flow(self) -> Flow[dict[str, Any]]:
         return (yield from self._send_flow(RequestSpec("GET", "/healthz"))).json()

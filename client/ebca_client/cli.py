@@ -359,6 +359,61 @@ class App:
             self.stdout.flush()
         return EXIT_OK
 
+    def cmd_jobs_list(self) -> int:
+        page = self.client.jobs(status=self.args.status, limit=self.args.limit, cursor=self.args.cursor)
+        if self.args.json:
+            self.emit_json(page.model_dump(mode="json"))
+            return EXIT_OK
+        for info in page.jobs:
+            prompt = (info.request or {}).get("prompt") or (info.request or {}).get("source_prompt") or ""
+            self.stdout.write(f"{info.id}  {info.status:<9}  {info.created_at or '':<32}  {prompt[:50]}\n")
+        if page.next_cursor:
+            self.info_line(f"more: ebca jobs list --cursor {page.next_cursor}")
+        return EXIT_OK
+
+    def cmd_keys_create(self) -> int:
+        a = self.args
+        limits = {"rate_per_minute": a.rate, "burst": a.burst, "max_active_jobs": a.max_active,
+                  "max_images_per_day": a.images_per_day}  # fmt: skip
+        made = self.client.create_key(
+            a.name, admin=a.admin, **{k: v for k, v in limits.items() if v is not None}
+        )
+        if self.args.json:
+            self.emit_json(made.model_dump(mode="json"))
+        else:
+            self.stdout.write(made.key + "\n")
+            self.info_line(f"key {made.id} for {made.name!r} ({made.role}); it is shown only now, store it")
+        return EXIT_OK
+
+    def cmd_keys_list(self) -> int:
+        keys = self.client.keys()
+        if self.args.json:
+            self.emit_json([k.model_dump(mode="json") for k in keys])
+            return EXIT_OK
+        for k in keys:
+            state = "revoked" if k.revoked else k.role
+            self.stdout.write(f"{k.id}  {state:<7}  {k.source or '':<4}  {k.name}\n")
+        return EXIT_OK
+
+    def cmd_keys_revoke(self) -> int:
+        info = self.client.revoke_key(self.args.key_id)
+        if self.args.json:
+            self.emit_json(info.model_dump(mode="json"))
+        else:
+            self.stdout.write(f"key {info.id} ({info.name}) revoked\n")
+        return EXIT_OK
+
+    def cmd_keys_me(self) -> int:
+        me = self.client.whoami()
+        if self.args.json:
+            self.emit_json(me.model_dump(mode="json"))
+        else:
+            limits = ", ".join(
+                f"{k} {'unlimited' if v is None else v}" for k, v in me.limits.model_dump().items()
+            )
+            self.stdout.write(f"{me.id or '-'}  {me.role}  {me.name}  [{limits}]  auth {me.auth}\n")
+        return EXIT_OK
+
     def cmd_models(self) -> int:
         models = self.client.models()
         if self.args.json:
@@ -529,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_job_options(syn)
     syn.set_defaults(handler=App.cmd_edit_synthetic)
 
-    jobs = sub.add_parser("jobs", help="inspect, wait for or cancel a job")
+    jobs = sub.add_parser("jobs", help="list your jobs; inspect, wait for or cancel one")
     jobs_sub = jobs.add_subparsers(dest="action", metavar="ACTION", required=True)
     get = jobs_sub.add_parser("get", help="show a job")
     get.add_argument("job_id")
@@ -544,6 +599,28 @@ def build_parser() -> argparse.ArgumentParser:
     events = jobs_sub.add_parser("events", help="print the job's live events until it ends")
     events.add_argument("job_id")
     events.set_defaults(handler=App.cmd_jobs_events)
+
+    listing = jobs_sub.add_parser("list", help="list your jobs, newest first")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    listing.add_argument("--limit", type=int, default=20, help="jobs per page (1-100)")
+    listing.add_argument("--cursor", help="the next page (printed at the end of a full page)")
+    listing.set_defaults(handler=App.cmd_jobs_list)
+
+    keys = sub.add_parser("keys", help="API keys: yours, and (admin key) make, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    keys_sub.add_parser("me", help="show the key this client sends").set_defaults(handler=App.cmd_keys_me)
+    create = keys_sub.add_parser("create", help="make a key and print it (once)")
+    create.add_argument("name", help="who or what the key is for")
+    create.add_argument("--admin", action="store_true", help="an admin key (every job, keys, metrics)")
+    create.add_argument("--rate", type=float, help="submits per minute (default: the server's)")
+    create.add_argument("--burst", type=int, help="submits at once (default: the server's)")
+    create.add_argument("--max-active", type=int, help="jobs queued + running (default: the server's)")
+    create.add_argument("--images-per-day", type=int, help="images per UTC day (default: the server's)")
+    create.set_defaults(handler=App.cmd_keys_create)
+    keys_sub.add_parser("list", help="list every key").set_defaults(handler=App.cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=App.cmd_keys_revoke)
 
     models = sub.add_parser("models", help="list the models the server offers")
     models.set_defaults(handler=App.cmd_models)

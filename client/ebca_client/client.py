@@ -15,7 +15,7 @@ import httpx
 from ebca_client import _flow
 from ebca_client._base import STREAM_IDLE_TIMEOUT, BaseClient, BaseJob, _deadline
 from ebca_client._flow import Flow, Runner
-from ebca_client.models import JobEvent, JobInfo, ModelInfo
+from ebca_client.models import CallerInfo, JobEvent, JobInfo, JobPage, KeyInfo, ModelInfo, NewKey
 
 T = TypeVar("T")
 
@@ -78,6 +78,28 @@ class Client(BaseClient[Job]):
 
     def models(self) -> list[ModelInfo]:
         return self._run(self._models_flow())
+
+    def jobs(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> JobPage:
+        """The caller's jobs, newest first (an admin key: every job), one page of ``GET /jobs``."""
+        return self._run(self._jobs_flow(status, limit, cursor))
+
+    def whoami(self) -> CallerInfo:
+        """The API key this client sends: its id, name, role and limits (``GET /keys/me``)."""
+        return self._run(self._whoami_flow())
+
+    def keys(self) -> list[KeyInfo]:
+        """Every API key (admin key)."""
+        return self._run(self._keys_flow())
+
+    def create_key(self, name: str, *, admin: bool = False, **limits: float | int | None) -> NewKey:
+        """Make an API key (admin key); ``limits``: rate_per_minute, burst, max_active_jobs,
+        max_images_per_day (None: unlimited; left out: the server's defaults). The key is in the
+        answer's ``key`` and nowhere else."""
+        return self._run(self._create_key_flow(name, "admin" if admin else "user", limits))
+
+    def revoke_key(self, key_id: str) -> KeyInfo:
+        """Revoke an API key by its id (admin key); its jobs stay."""
+        return self._run(self._revoke_key_flow(key_id))
 
     def health(self) -> dict[str, Any]:
         return self._run(self._health_flow())

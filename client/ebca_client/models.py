@@ -279,3 +279,48 @@ class ModelInfo(_Response):
 
 class ModelList(_Response):
     models: list[ModelInfo] = Field(default_factory=list)
+
+
+class JobPage(_Response):
+    """One page of ``GET /jobs``: the caller's jobs, newest first."""
+
+    jobs: list[JobInfo] = Field(default_factory=list)
+    #: Pass to ``jobs(cursor=...)`` for the next page; None at the end.
+    next_cursor: str | None = None
+
+
+class KeyLimits(_Response):
+    """A key's quotas (None: unlimited)."""
+
+    rate_per_minute: float | None = None
+    burst: int | None = None
+    max_active_jobs: int | None = None
+    max_images_per_day: int | None = None
+
+
+class KeyInfo(_Response):
+    """An API key as ``GET /keys`` shows it (never the key itself)."""
+
+    id: str
+    name: str
+    role: str
+    source: str | None = None
+    limits: KeyLimits = Field(default_factory=KeyLimits)
+    created_at: datetime | None = None
+    revoked: bool = False
+
+
+class NewKey(KeyInfo):
+    """``POST /keys``: the new key, shown this once."""
+
+    key: str
+
+
+class CallerInfo(_Response):
+    """``GET /keys/me``: the calling key (id None when the server runs with EBCA_AUTH=off)."""
+
+    id: str | None = None
+    name: str
+    role: str
+    limits: KeyLimits = Field(default_factory=KeyLimits)
+    auth: str = "required"

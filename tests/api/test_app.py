@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from testkeys import TestKeys
 
 from api.main import create_app
 from ebca_common.errors import Unavailable
 from ebca_common.jobs import JobStatus, unix_time
 from ebca_common.settings import Settings
 from ebca_common.store import JobStore
+
+AUTH = TestKeys.header(TestKeys.alice)
 
 
 class FakeQueue:
@@ -37,7 +40,7 @@ def queue() -> FakeQueue:
 def app_parts(store_settings: Settings, queue: FakeQueue):
     settings = store_settings.model_copy(update={"max_queue": 3, "max_upload_bytes": 5000})
     store = JobStore.from_settings(settings)
-    return TestClient(create_app(settings, store=store, publisher=queue)), store
+    return TestClient(create_app(settings, store=store, publisher=queue), headers=AUTH), store
 
 
 def test_submit_publishes_exactly_once(app_parts, queue: FakeQueue) -> None:
@@ -67,7 +70,7 @@ def test_queue_full_is_429_and_creates_nothing(app_parts) -> None:
 
 def test_broker_down_is_503_and_the_job_is_removed(store_settings: Settings) -> None:
     store = JobStore.from_settings(store_settings)
-    client = TestClient(create_app(store_settings, store=store, publisher=FakeQueue(fail=True)))
+    client = TestClient(create_app(store_settings, store=store, publisher=FakeQueue(fail=True)), headers=AUTH)
     response = client.post("/generate", json={"prompt": "a cat"}, headers={"Idempotency-Key": "k"})
     assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
     assert response.headers["retry-after"] == str(store_settings.retry_after_seconds)
@@ -103,8 +106,11 @@ def test_wrong_content_type_and_unknown_routes(app_parts) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     response = client.put("/generate")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
-    response = client.get("/jobs/x/images/not-a-number")
+    job_id = client.post("/generate", json={"prompt": "a cat"}).json()["id"]
+    response = client.get(f"/jobs/{job_id}/images/not-a-number")
     assert response.status_code == 422 and response.json()["error"]["field"] == "index"
+    # Whose the job is comes first: for a job the caller cannot see, nothing else is said.
+    assert client.get("/jobs/x/images/not-a-number").status_code == 404
 
 
 def test_image_download_from_local_store(app_parts) -> None:
@@ -148,7 +154,7 @@ def test_openapi_documents_every_request_field(app_parts) -> None:
 
 def test_refused_edit_writes_no_upload(store_settings: Settings) -> None:
     store = JobStore.from_settings(store_settings)
-    client = TestClient(create_app(store_settings, store=store, publisher=FakeQueue(fail=True)))
+    client = TestClient(create_app(store_settings, store=store, publisher=FakeQueue(fail=True)), headers=AUTH)
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (9, 9, 9)).save(buf, format="PNG")
     request = {"mode": "real", "source_prompt": "x", "edits": [{"prompt": "y"}]}

@@ -16,11 +16,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from testkeys import TestKeys
 
 from api.main import create_app
 from ebca_common.jobs import JobStatus
 from ebca_common.settings import Settings
 from ebca_common.store import JobStore
+
+AUTH = TestKeys.header(TestKeys.alice)
 
 
 class RecordingQueue:
@@ -36,7 +39,7 @@ class Api:
         self.settings = settings
         self.store = JobStore.from_settings(settings)
         self.queue = RecordingQueue()
-        self.client = TestClient(create_app(settings, store=self.store, publisher=self.queue))
+        self.client = TestClient(create_app(settings, store=self.store, publisher=self.queue), headers=AUTH)
 
     def assert_refused(
         self, response: httpx.Response, status: int, code: str, field: str | None | type[Any] = Any
@@ -269,7 +272,7 @@ def test_reference_to_an_image_no_longer_stored_is_422(api: Api) -> None:
 def test_generate_size_over_the_pixel_limit_is_422(api: Api) -> None:
     limit = api.settings.max_image_pixels
     small = api.settings.model_copy(update={"max_image_pixels": 256 * 256})
-    api.client = TestClient(create_app(small, store=api.store, publisher=api.queue))
+    api.client = TestClient(create_app(small, store=api.store, publisher=api.queue), headers=AUTH)
     body = {"prompt": "a cat", "width": 264, "height": 256}
     error = api.assert_refused(api.client.post("/generate", json=body), 422, "validation_error", "width")
     assert "264x256" in error["message"] and limit > 256 * 256

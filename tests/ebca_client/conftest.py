@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from stack_helpers import REPO_ROOT, free_port, log_tail, stop_session
+from testkeys import TestKeys
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Stack:
     env: dict[str, str]
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: The API key the tests use (auth is required, as by default); the CLI runs read it from
+    #: EBCA_API_KEY in ``env``.
+    key: str = TestKeys.alice
 
     def start(self, name: str, argv: list[str]) -> None:
         with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
@@ -78,6 +82,8 @@ def stack_env(tmp: Path, redis_url: str, default_model: Path, extra_models: dict
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        EBCA_API_KEYS=TestKeys.entries_json(),
+        EBCA_API_KEY=TestKeys.alice,
     )
     return env
 

@@ -127,7 +127,8 @@ def test_the_client_installs_alone_into_a_fresh_venv_and_round_trips(stack, tmp_
     help_text = subprocess.run([str(ebca), "--help"], capture_output=True, text=True, timeout=60)
     assert help_text.returncode == 0 and "generate" in help_text.stdout and "--api-key" in help_text.stdout
 
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    # The key comes from the environment, as a user sets it (EBCA_API_KEY).
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "EBCA_API_KEY": stack.key}
     out_dir = tmp_path / "out"
     gen = subprocess.run(
         [str(ebca), "--url", stack.url, "generate", "a lion with a crown", "--steps", "2", "--seed", "3",

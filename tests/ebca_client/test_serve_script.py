@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 from stack_helpers import REPO_ROOT, free_port, session_members, stop_session
@@ -118,12 +120,22 @@ def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, t
         members = session_members(sessions)
         assert len(members) >= 4  # serve.sh, redis, api, worker (+ the worker's pool process)
 
+        # The first run made an admin key for this machine, kept in var/ and printed.
+        key = (var / "api_key").read_text().strip()
+        assert key.startswith("ebca_") and f"serve: API key: {key}" in banner
+        assert (var / "api_key").stat().st_mode & 0o077 == 0  # readable by its owner only
+        denied = httpx.get(f"{url}/models", timeout=10)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+
+        # The sample command works as printed (run from the checkout, writing into a temporary out/).
+        (sample,) = [
+            line.strip() for line in banner.splitlines() if line.strip().startswith(".venv/bin/ebca")
+        ]
+        argv = shlex.split(sample)
+        assert argv[:5] == [".venv/bin/ebca", "--url", url, "--api-key", key]
         out = tmp_path / "out"
-        gen = subprocess.run(
-            [EBCA, "--url", url, "generate", "a red circle and a blue square", "--steps", "3",
-             "--gamma-attn", "0.01", "--gamma-norm", "0.02", "--weight", "circle=2", "-o", str(out)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        argv[0], argv[-1] = EBCA, str(out)
+        gen = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=stack_env())
         assert gen.returncode == 0, gen.stderr
         (png,) = gen.stdout.split()
         with Image.open(png) as image:

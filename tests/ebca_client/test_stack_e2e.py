@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 from sdk_proxy import DroppingProxy
+from testkeys import TestKeys
 
 from ebca_client import (
     APIError,
@@ -61,7 +62,7 @@ def assert_downloads(job: Job, images: list[Image.Image], paths: list[Path], cou
 
 
 def test_sync_client_generate_and_every_edit_mode(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with Client(stack.url) as client:
+    with Client(stack.url, api_key=stack.key) as client:
         energy = EnergySpec(gamma_attn=0.01, gamma_norm=0.02, token_weights={"circle": 2.5})
         gen = client.generate(
             "a red circle and a blue square", steps=STEPS, seed=11, num_images=2, energy=energy
@@ -98,7 +99,7 @@ def test_sync_client_generate_and_every_edit_mode(stack, tmp_path: Path) -> None
 
 
 async def test_async_client_generate_and_every_edit_mode(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    async with AsyncClient(stack.url) as client:
+    async with AsyncClient(stack.url, api_key=stack.key) as client:
         models = {m.id: m.default for m in await client.models()}
         assert models["tiny-inpaint"] is False and sum(models.values()) == 1
         gen = await client.generate("a cat wearing a crown", steps=STEPS, seed=5, edits=["van gogh painting"])
@@ -129,7 +130,7 @@ async def test_async_client_generate_and_every_edit_mode(stack, tmp_path: Path) 
 
 
 def test_cancel_and_wait_timeout(stack) -> None:  # type: ignore[no-untyped-def]
-    with Client(stack.url) as client:
+    with Client(stack.url, api_key=stack.key) as client:
         slow = client.generate("a dog", steps=200, num_images=4, seed=1)
         with pytest.raises(JobTimeout) as timeout:
             slow.wait(timeout=0.5, poll_interval=0.1)
@@ -154,7 +155,7 @@ def test_cancel_and_wait_timeout(stack) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_async_wait_timeout_and_cancel(stack) -> None:  # type: ignore[no-untyped-def]
-    async with AsyncClient(stack.url) as client:
+    async with AsyncClient(stack.url, api_key=stack.key) as client:
         slow = await client.generate("a boat on a lake", steps=200, num_images=4)
         with pytest.raises(JobTimeout):
             await slow.wait(timeout=0.3, poll_interval=0.05)
@@ -165,7 +166,7 @@ async def test_async_wait_timeout_and_cancel(stack) -> None:  # type: ignore[no-
 
 def test_api_errors_surface_with_the_servers_message(stack) -> None:  # type: ignore[no-untyped-def]
     before = stack.job_count()
-    with Client(stack.url) as client:
+    with Client(stack.url, api_key=stack.key) as client:
         with pytest.raises(APIError) as bad_steps:
             client.generate("a cat", steps=0)
         err = bad_steps.value
@@ -187,7 +188,7 @@ def test_submit_retried_after_dropped_connection_creates_one_job(stack) -> None:
     proxy = DroppingProxy(int(stack.url.rsplit(":", 1)[1]), drop=1)
     before = stack.job_count()
     try:
-        with Client(proxy.url, retry=FAST_RETRY) as client:
+        with Client(proxy.url, retry=FAST_RETRY, api_key=stack.key) as client:
             job = client.generate("a red square", steps=STEPS, seed=3)
             job.wait(timeout=WAIT, poll_interval=0.1)
     finally:
@@ -208,14 +209,14 @@ async def test_async_submit_retried_after_dropped_connection(stack) -> None:  # 
     proxy = DroppingProxy(int(stack.url.rsplit(":", 1)[1]), drop=1)
     before = stack.job_count()
     try:
-        async with AsyncClient(proxy.url, retry=FAST_RETRY) as client:
+        async with AsyncClient(proxy.url, retry=FAST_RETRY, api_key=stack.key) as client:
             job = await client.edit_real(scene(), "a photo of a cat", ["snow"], steps=STEPS)
     finally:
         proxy.close()
     lost_job = json.loads(proxy.swallowed_responses[0].partition(b"\r\n\r\n")[2])
     assert lost_job["id"] == job.id
     assert stack.job_count() == before + 1
-    with Client(stack.url) as client:
+    with Client(stack.url, api_key=stack.key) as client:
         client.get_job(job.id).wait(timeout=WAIT, poll_interval=0.1)
 
 
@@ -265,6 +266,33 @@ def test_cli_against_the_stack(stack, tmp_path: Path) -> None:  # type: ignore[n
 
     models = run_cli(stack, "models")
     assert models.returncode == 0 and "tiny-inpaint" in models.stdout and "(default)" in models.stdout
+
+
+def test_cli_keys_and_job_list_against_the_stack(stack) -> None:  # type: ignore[no-untyped-def]
+    root = ("--api-key", TestKeys.root)
+    me = run_cli(stack, "keys", "me")  # the key from EBCA_API_KEY (alice)
+    assert me.returncode == 0 and " user  alice  [" in me.stdout, me.stderr
+    denied = run_cli(stack, "keys", "list")
+    assert denied.returncode == 3 and "API error 403 forbidden" in denied.stderr
+
+    made = run_cli(stack, *root, "--json", "keys", "create", "dave", "--rate", "5", "--max-active", "2")
+    assert made.returncode == 0, made.stderr
+    dave = json.loads(made.stdout)
+    assert dave["key"].startswith("ebca_") and dave["limits"]["rate_per_minute"] == 5.0
+    listed = run_cli(stack, *root, "keys", "list")
+    assert f"{dave['id']}  user" in listed.stdout and "dave" in listed.stdout
+    as_dave = ("--api-key", dave["key"])
+    job_id = run_cli(stack, *as_dave, "generate", "a cat", "--steps", "2", "--no-wait").stdout.strip()
+    assert job_id in run_cli(stack, *as_dave, "jobs", "list").stdout
+    assert job_id not in run_cli(stack, "jobs", "list").stdout  # alice does not see dave's job
+    assert job_id in run_cli(stack, *root, "jobs", "list").stdout  # the admin sees every job
+    alone = run_cli(stack, "jobs", "get", job_id)
+    assert alone.returncode == 3 and "404 not_found" in alone.stderr
+
+    revoked = run_cli(stack, *root, "keys", "revoke", dave["id"])
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    locked = run_cli(stack, *as_dave, "keys", "me")
+    assert locked.returncode == 3 and "the API key was not accepted" in locked.stderr
 
 
 def _write(path: Path, data: bytes) -> Path:

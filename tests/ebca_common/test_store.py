@@ -130,14 +130,14 @@ def test_the_record_round_trips_through_the_hash(store: JobStore) -> None:
     record = store.require(job_id)
     assert isinstance(record, JobRecord)
     assert (record.status, record.seq, record.attempts, record.lease, record.owner) == (
-        JobStatus.QUEUED, 1, 0, None, None,
+        JobStatus.QUEUED, 1, 0, None, "anonymous",
     )  # fmt: skip
     assert record.inputs == {"image": "jobs/x/inputs/image.png"} and record.deadline_at is None
     claimed = store.begin(job_id, "host:42").record
     # The hash holds one JSON value per record field; the worker's id is the lease, not the owner.
     raw = store.r.hgetall(store.job_key(job_id))
     assert set(raw) == set(JobRecord.model_fields)
-    assert json.loads(raw["lease"]) == "host:42" and json.loads(raw["owner"]) is None
+    assert json.loads(raw["lease"]) == "host:42" and json.loads(raw["owner"]) == "anonymous"
     assert store.require(job_id) == claimed
     store.finish(
         job_id, JobStatus.FAILED, lease="host:42", error=JobError(code="internal_error", message="boom")

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from testkeys import TestKeys
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -44,6 +45,8 @@ BASE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "PYTHONUNBUFFERED": "1",
+    # Auth stays required (the default); the stacks know the test keys.
+    "EBCA_API_KEYS": TestKeys.entries_json(),
 }
 
 
@@ -119,11 +122,18 @@ class Stack:
     api_url: str = ""
     api: Proc | None = None
     workers: list[Proc] = field(default_factory=list)
+    #: The API key the http helpers send unless told another (a user key: TestKeys.alice).
+    key: str = TestKeys.alice
     _count: int = 0
 
     # -- processes ---------------------------------------------------------------------------------------
     def start_api(self, port: int | None = None) -> None:
         """Start uvicorn on ``port`` (default: a free one; a restart passes the old one)."""
+        self.api, self.api_url = self.launch_api(port)
+
+    def launch_api(self, port: int | None = None, name: str = "api") -> tuple[Proc, str]:
+        """An api process of this deployment (``start_api`` makes it the stack's; a test may run a
+        second replica on the same Redis); returns it and its URL once it answers."""
         port = port or free_port()
         argv = [
             str(BIN / "python"),
@@ -135,9 +145,10 @@ class Stack:
             "--port",
             str(port),
         ]
-        self.api = spawn(f"{self.name}-api", argv, self.env, self.logdir)
-        self.api_url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200, 60, "the api")
+        proc = spawn(f"{self.name}-{name}", argv, self.env, self.logdir)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 60, "the api")
+        return proc, url
 
     def start_worker(self, wait: bool = True, pool: str = "solo", new_session: bool = False) -> Proc:
         """Start ``celery -A worker.celery_app worker`` (no -Q: the app's default queue is the GPU queue).
@@ -189,12 +200,30 @@ class Stack:
         for proc in [*self.workers, *([self.api] if self.api else [])]:
             proc.stop()
 
-    # -- http helpers ------------------------------------------------------------------------------------
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, timeout=30)
+    # -- http helpers (every request carries an API key: ``key``, else the stack's) ------------------------
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return TestKeys.header(key or self.key)
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        response = httpx.get(f"{self.api_url}/jobs/{job_id}", timeout=10)
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, timeout=30, headers=self.auth(key))
+
+    def request(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """One request to the api (``path`` relative to it) with the key's Authorization header."""
+        kwargs.setdefault("timeout", 10)
+        headers = {**self.auth(key), **kwargs.pop("headers", {})}
+        return httpx.request(method, self.api_url + path, headers=headers, **kwargs)
+
+    def get(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, key, **kwargs)
+
+    def post(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, key, **kwargs)
+
+    def delete(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", path, key, **kwargs)
+
+    def job(self, job_id: str, key: str | None = None) -> dict[str, Any]:
+        response = self.get(f"/jobs/{job_id}", key)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -203,13 +232,14 @@ class Stack:
         job_id: str,
         until: Callable[[dict[str, Any]], bool] | None = None,
         timeout: float = 60,
+        key: str | None = None,
     ) -> dict[str, Any]:
         until = until or (lambda job: job["status"] in ("succeeded", "failed", "canceled"))
         last: dict[str, Any] = {}
 
         def check() -> bool:
             nonlocal last
-            last = self.job(job_id)
+            last = self.job(job_id, key)
             return until(last)
 
         try:

@@ -7,7 +7,6 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 
 if TYPE_CHECKING:
@@ -21,7 +20,7 @@ QUICK = {"prompt": "a cat", "steps": 2, "seed": 1}
 
 
 def submit(stack: Stack, body: dict[str, Any]) -> str:
-    response = httpx.post(f"{stack.api_url}/generate", json=body, timeout=10)
+    response = stack.post("/generate", json=body, timeout=10)
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -51,14 +50,14 @@ def test_cancel_running_job(stack: Stack) -> None:
     ensure_workers(stack)
     job_id = submit(stack, SLOW)
     stack.wait_job(job_id, running_at_step(3))
-    response = httpx.delete(f"{stack.api_url}/jobs/{job_id}", timeout=10)
+    response = stack.delete(f"/jobs/{job_id}", timeout=10)
     assert response.status_code == 202
     assert response.json()["cancel_requested"] is True
     job = stack.wait_job(job_id, timeout=30)
     assert job["status"] == "canceled"
     assert job["result"] is None and job["error"] is None
     assert 3 <= job["progress"]["step"] < 200  # stopped at a denoising step, not at the end
-    assert httpx.get(f"{stack.api_url}/jobs/{job_id}/images/0", timeout=10).status_code == 404
+    assert stack.get(f"/jobs/{job_id}/images/0", timeout=10).status_code == 404
 
 
 def test_cancel_queued_job_never_starts(stack: Stack) -> None:
@@ -70,12 +69,12 @@ def test_cancel_queued_job_never_starts(stack: Stack) -> None:
     first, second = (stack.job(job_id) for job_id in queued)
     assert (first["status"], first["queue_position"]) == ("queued", 0)
     assert (second["status"], second["queue_position"]) == ("queued", 1)
-    response = httpx.delete(f"{stack.api_url}/jobs/{queued[0]}", timeout=10)
+    response = stack.delete(f"/jobs/{queued[0]}", timeout=10)
     assert response.status_code == 202
     assert response.json()["status"] == "canceled" and response.json()["queue_position"] is None
     assert stack.job(queued[1])["queue_position"] == 0
     for job_id in busy:
-        assert httpx.delete(f"{stack.api_url}/jobs/{job_id}", timeout=10).status_code == 202
+        assert stack.delete(f"/jobs/{job_id}", timeout=10).status_code == 202
     # The workers now take the canceled job's message and drop it; the other queued job runs.
     assert stack.wait_job(queued[1])["status"] == "succeeded"
     for job_id in busy:
@@ -84,7 +83,7 @@ def test_cancel_queued_job_never_starts(stack: Stack) -> None:
     canceled = stack.job(queued[0])
     assert canceled["status"] == "canceled"
     assert canceled["attempts"] == 0 and canceled["started_at"] is None
-    assert httpx.delete(f"{stack.api_url}/jobs/{queued[0]}", timeout=10).status_code == 409
+    assert stack.delete(f"/jobs/{queued[0]}", timeout=10).status_code == 409
 
 
 def test_worker_killed_mid_job_finishes_elsewhere(stack: Stack) -> None:
@@ -99,7 +98,7 @@ def test_worker_killed_mid_job_finishes_elsewhere(stack: Stack) -> None:
     assert job["attempts"] == 2
     assert stack.worker_of(job_id) is not victim and stack.worker_of(job_id).alive()
     image = job["result"]["images"][0]
-    response = httpx.get(stack.api_url + image["url"], timeout=10)
+    response = stack.get(image["url"], timeout=10)
     assert response.status_code == 200 and len(response.content) > 0
     # Same seed as an undisturbed run: the crash left no trace in the result.
     again = stack.wait_job(submit(stack, {**SLOW, "steps": 200}), timeout=120)

@@ -8,7 +8,6 @@ import io
 import json
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -74,7 +73,7 @@ def test_hostile_requests_are_refused_cleanly(stack: Stack) -> None:
     assert stack.api is not None
     log_size = stack.api.log.stat().st_size
     before = stack.job_keys()
-    with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+    with stack.client() as client:
         for name, path, kwargs, status, field in _cases():
             response = client.post(path, **kwargs)
             assert response.status_code == status, f"{name}: {response.text}"

@@ -9,9 +9,9 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 from PIL import Image
+from testkeys import TestKeys
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -34,7 +34,7 @@ def download_and_check(stack: Stack, job: dict, width: int, height: int) -> list
     assert job["status"] == "succeeded", job
     blobs = []
     for image in job["result"]["images"]:
-        response = httpx.get(stack.api_url + image["url"], timeout=10)
+        response = stack.get(image["url"], timeout=10)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == image["content_type"]
         decoded = Image.open(io.BytesIO(response.content))
@@ -48,13 +48,13 @@ def download_and_check(stack: Stack, job: dict, width: int, height: int) -> list
 def reproduce(stack: Stack, image: dict) -> bytes:
     """Submit an image's settings to its endpoint and return the new image's bytes."""
     assert image["settings"]["num_images"] == 1 and image["settings"]["seed"] == image["seed"]
-    response = httpx.post(stack.api_url + image["settings_endpoint"], json=image["settings"], timeout=10)
+    response = stack.post(image["settings_endpoint"], json=image["settings"], timeout=10)
     assert response.status_code == 202, response.text
     again = stack.wait_job(response.json()["id"])
     assert again["status"] == "succeeded", again
     new = again["result"]["images"][0]
     assert new["seed"] == image["seed"]
-    return httpx.get(stack.api_url + new["url"], timeout=10).content
+    return stack.get(new["url"], timeout=10).content
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def generated(stack: Stack) -> dict:
         "energy": {"gamma_attn": 0.01, "gamma_norm": 0.01, "token_weights": {"circle": 2.0, "5": 1.5}},
         "edits": [{"prompt": "green", "alpha": 0.5}],
     }
-    response = httpx.post(f"{stack.api_url}/generate", json=body, timeout=10)
+    response = stack.post("/generate", json=body, timeout=10)
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["status"] == "queued" and job["kind"] == "generate" and job["attempts"] == 0
@@ -105,7 +105,7 @@ def test_generate_reproduces_each_image_alone(stack: Stack, generated: dict) -> 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
 def test_output_formats(stack: Stack, fmt: str) -> None:
     body = {"prompt": "a cat", "steps": 2, "seed": 7, "output_format": fmt}
-    job = stack.wait_job(httpx.post(f"{stack.api_url}/generate", json=body, timeout=10).json()["id"])
+    job = stack.wait_job(stack.post("/generate", json=body, timeout=10).json()["id"])
     download_and_check(stack, job, 32, 32)  # the tiny model's native size
     assert job["result"]["images"][0]["content_type"] == f"image/{fmt}"
     assert job["result"]["images"][0]["key"].endswith(f"/0.{fmt}")
@@ -118,7 +118,7 @@ def test_synthetic_edit(stack: Stack, generated: dict) -> None:
         "edits": [{"prompt": "monet painting", "alpha": 1.3, "alpha_tau": 0.25}],
         "output_format": "webp",
     }
-    response = httpx.post(f"{stack.api_url}/edit", json=body, timeout=10)
+    response = stack.post("/edit", json=body, timeout=10)
     assert response.status_code == 202, response.text
     job = stack.wait_job(response.json()["id"])
     assert job["kind"] == "edit" and job["mode"] == "synthetic"
@@ -142,9 +142,7 @@ def test_inpaint_with_uploads(stack: Stack) -> None:
         "image": ("in.png", png_bytes(picture), "image/png"),
         "mask": ("m.png", png_bytes(mask), "image/png"),
     }
-    response = httpx.post(
-        f"{stack.api_url}/edit", data={"request": json.dumps(request)}, files=files, timeout=10
-    )
+    response = stack.post("/edit", data={"request": json.dumps(request)}, files=files)
     assert response.status_code == 202, response.text
     job = stack.wait_job(response.json()["id"])
     assert job["mode"] == "inpaint"
@@ -167,7 +165,7 @@ def test_real_edit_from_an_earlier_output(stack: Stack, generated: dict) -> None
         "seed": 5,
         "output_format": "png",
     }
-    response = httpx.post(f"{stack.api_url}/edit", json=body, timeout=10)
+    response = stack.post("/edit", json=body, timeout=10)
     assert response.status_code == 202, response.text
     job = stack.wait_job(response.json()["id"])
     (blob,) = download_and_check(stack, job, 48, 40)
@@ -178,9 +176,7 @@ def test_real_edit_with_upload(stack: Stack) -> None:
     picture = Image.new("RGB", (32, 32), (200, 40, 40))
     request = {"mode": "real", "source_prompt": "a photo of a cat", "edits": [{"prompt": "dog"}], "steps": 3}
     files = {"image": ("cat.png", png_bytes(picture), "image/png")}
-    response = httpx.post(
-        f"{stack.api_url}/edit", data={"request": json.dumps(request)}, files=files, timeout=10
-    )
+    response = stack.post("/edit", data={"request": json.dumps(request)}, files=files)
     assert response.status_code == 202, response.text
     job = stack.wait_job(response.json()["id"])
     (blob,) = download_and_check(stack, job, 32, 32)
@@ -201,7 +197,8 @@ def test_models_health_ready_metrics_openapi(stack: Stack, generated: dict) -> N
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["workers"] >= 1
-        metrics = client.get("/metrics").text
+        assert client.get("/metrics").status_code == 403  # a user key; metrics need an admin key
+        metrics = stack.get("/metrics", TestKeys.root).text
         succeeded = next(
             float(line.split()[-1])
             for line in metrics.splitlines()
@@ -226,7 +223,7 @@ def test_null_sampler_fields_take_the_models_defaults(stack: Stack) -> None:
     """The shipped model's ebca_defaults.json (20 DDIM steps, guidance 5) fills what the request
     leaves out; the record, the progress total and the image's settings show the values used."""
     body = {"prompt": "a red circle", "model": "shapes", "seed": 3, "num_images": 2}
-    response = httpx.post(f"{stack.api_url}/generate", json=body, timeout=10)
+    response = stack.post("/generate", json=body, timeout=10)
     assert response.status_code == 202, response.text
     queued = response.json()
     assert queued["request"]["steps"] is None and queued["request"]["guidance_scale"] is None

@@ -106,12 +106,12 @@ class Recovery:
 
     # -- jobs ----------------------------------------------------------------------------------------------
     def submit(self, body: dict[str, Any]) -> str:
-        response = httpx.post(f"{self.stack.api_url}/generate", json=body, timeout=10)
+        response = self.stack.post("/generate", json=body, timeout=10)
         assert response.status_code == 202, response.text
         return response.json()["id"]
 
     def cancel(self, job_id: str) -> None:
-        assert httpx.delete(f"{self.stack.api_url}/jobs/{job_id}", timeout=10).status_code in (202, 409)
+        assert self.stack.delete(f"/jobs/{job_id}", timeout=10).status_code in (202, 409)
 
     def running(self, job_id: str, step: int = 1, attempts: int | None = None) -> dict[str, Any]:
         def check(job: dict[str, Any]) -> bool:
@@ -177,7 +177,7 @@ def test_whole_worker_killed_mid_job_runs_again_within_the_ttl(recovery: Recover
     job = r.stack.wait_job(job_id, timeout=120)
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
     image = job["result"]["images"][0]
-    data = httpx.get(r.stack.api_url + image["url"], timeout=10).content
+    data = r.stack.get(image["url"], timeout=10).content
     assert hashlib.sha256(data).hexdigest() == image["sha256"]
     r.ensure_workers()
 
@@ -413,7 +413,7 @@ def test_chaos(recovery: Recovery) -> None:
         job = r.stack.job(job_id)
         assert job["status"] == "succeeded", job
         for image in job["result"]["images"]:
-            data = httpx.get(r.stack.api_url + image["url"], timeout=10).content
+            data = r.stack.get(image["url"], timeout=10).content
             assert hashlib.sha256(data).hexdigest() == image["sha256"]
     assert len(monitor.kills) == CHAOS_KILLS
     orphaned = [k.orphan_end - k.at for k in monitor.kills if k.orphan_end is not None]

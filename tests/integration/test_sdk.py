@@ -24,7 +24,7 @@ def png(image: Image.Image) -> bytes:
 
 
 def test_sdk_round_trip(stack: Stack) -> None:
-    with Client(stack.api_url) as client:
+    with Client(stack.api_url, api_key=stack.key) as client:
         assert client.ready()
         assert {m.id for m in client.models()} == {"model", "tiny-inpaint", "broken", "shapes"}
         energy = EnergySpec(gamma_attn=0.01, token_weights={"circle": 2.0})
