@@ -31,6 +31,7 @@ from ebca_common.keys import (
     Limits,
     NewKey,
     hash_key,
+    key_id,
     new_key,
     parse_entries,
 )
@@ -108,7 +109,7 @@ class KeyRing:
         try:
             with redis_errors(), self.r.pipeline(transaction=False) as pipe:
                 pipe.hget(self.k("keys"), digest)
-                pipe.smembers(self.k("keys", "revoked"))
+                pipe.sismember(self.k("keys", "revoked"), key_id(digest))
                 runtime, revoked = pipe.execute()
         except Unavailable:
             if found is None:
@@ -118,7 +119,7 @@ class KeyRing:
             return self.caller(found[0])
         if found is None and runtime is not None:
             found = ApiKeyEntry.model_validate_json(runtime), "api"
-        if found is None or found[0].id in revoked:
+        if found is None or revoked:
             return None
         return self.caller(found[0])
 
