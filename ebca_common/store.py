@@ -31,56 +31,41 @@ deadline and re-publishes queued jobs whose broker message is gone; the broker o
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
-from pydantic import TypeAdapter
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited, Unavailable
+from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited
 from ebca_common.jobs import Job, JobError, JobRecord, JobResult, JobStatus, Progress, iso_utc
 from ebca_common.keys import ANONYMOUS
-from ebca_common.queueing import queued_job_ids
 from ebca_common.settings import Settings
+from ebca_common.store_base import HISTOGRAM_BUCKETS, StoreBase, redis_errors
+from ebca_common.store_leases import BROKER_SCAN_SECONDS, LeaseRules, SettleOutcome
 
-log = logging.getLogger("ebca.store")
-
-#: Histogram buckets in seconds (jobs take seconds to minutes; steps take milliseconds to seconds).
-HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
-    "job_duration_seconds": (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
-    "step_duration_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-}
-
-#: One validator per record field: every value written to a job hash is checked against the record's
-#: type first, so a partial update can never store what a whole-record read would refuse.
-_FIELDS: dict[str, TypeAdapter[Any]] = {
-    name: TypeAdapter(info.annotation) for name, info in JobRecord.model_fields.items()
-}
+__all__ = [
+    "BROKER_SCAN_SECONDS",
+    "HISTOGRAM_BUCKETS",
+    "Begin",
+    "JobStore",
+    "SettleOutcome",
+    "StepVerdict",
+    "StoreBase",
+    "redis_errors",
+]
 
 BeginOutcome = Literal["run", "missing", "terminal", "duplicate", "exhausted", "canceled", "timeout"]
-#: What the sweep did with one job.
-SettleOutcome = Literal["kept", "gone", "requeued", "exhausted", "canceled", "timeout"]
 #: What a worker should do after reporting a step: go on, stop for a cancel, or stop because the job is
 #: no longer its own (the sweep gave it to another worker, or ended it).
 StepVerdict = Literal["run", "cancel", "lost"]
 
-#: Seconds between two scans of the broker for lost messages (by any worker: a Redis lock).
-BROKER_SCAN_SECONDS = 5.0
 #: Index entries GET /jobs reads for one page at most (a rare status among many jobs: the client
 #: follows the cursor).
 LIST_SCAN_LIMIT = 1000
-#: Oldest entries of the job index checked per sweep for records that expired (EBCA_JOB_TTL_SECONDS).
-INDEX_TRIM_BATCH = 100
-#: Seconds between two such trims (by any sweep: a Redis lock).
-INDEX_TRIM_SECONDS = 60.0
 
 #: Progress of a running job, written only while the caller holds its lease (one round trip per step).
 #: KEYS[1] the job hash; ARGV: encoded "running", encoded lease, encoded progress, encoded true.
@@ -101,85 +86,12 @@ class Begin:
     record: JobRecord | None = None
 
 
-@dataclass(frozen=True)
-class _End:
-    """How a job that must not run (again) ends."""
+class JobStore(LeaseRules):
+    """Job records: reads, creation with idempotency, cancel, and the worker-side lifecycle."""
 
-    outcome: Literal["exhausted", "canceled", "timeout"]
-    status: JobStatus
-    error: JobError | None = None
-
-
-@contextmanager
-def redis_errors() -> Iterator[None]:
-    """Turn Redis connection failures into :class:`Unavailable` (the api answers 503 + Retry-After)."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise Unavailable(f"the job store is unreachable: {exc}") from exc
-
-
-class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
-        self.r = client
-        self.settings = settings
-        self.p = settings.key_prefix
+        super().__init__(client, settings)
         self._progress_script = client.register_script(_PROGRESS_SCRIPT)
-        #: How long traces of a silent worker (heartbeat, holds, draining mark) are kept.
-        self._worker_retention = int(100 * settings.heartbeat_ttl) + 1
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> JobStore:
-        client = redis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-            health_check_interval=30,
-        )
-        return cls(client, settings)
-
-    # -- keys ------------------------------------------------------------------------------------
-    def k(self, *parts: str) -> str:
-        return ":".join((self.p, *parts))
-
-    def job_key(self, job_id: str) -> str:
-        return self.k("job", job_id)
-
-    # -- encoding ----------------------------------------------------------------------------------
-    @staticmethod
-    def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
-        """Hash values for some fields of a record (a whole one: ``dict(record)``)."""
-        encoded = {}
-        for name, value in fields.items():
-            adapter = _FIELDS[name]
-            encoded[name] = adapter.dump_json(adapter.validate_python(value)).decode()
-        return encoded
-
-    @staticmethod
-    def _decode(raw: Mapping[str, str]) -> JobRecord:
-        return JobRecord.model_validate({name: json.loads(value) for name, value in raw.items()})
-
-    @staticmethod
-    def _decode_field(name: str, raw: str) -> Any:
-        return _FIELDS[name].validate_json(raw)
-
-    # -- reads ---------------------------------------------------------------------------------------
-    def ping(self) -> bool:
-        with redis_errors():
-            return bool(self.r.ping())
-
-    def record(self, job_id: str) -> JobRecord | None:
-        """The full internal record (including lease, inputs, plan), or None."""
-        with redis_errors():
-            raw = self.r.hgetall(self.job_key(job_id))
-        return self._decode(raw) if raw else None
-
-    def require(self, job_id: str) -> JobRecord:
-        record = self.record(job_id)
-        if record is None:
-            raise NotFound(f"job {job_id!r} not found")
-        return record
 
     def queue_position(self, job_id: str) -> int | None:
         with redis_errors():
@@ -382,75 +294,6 @@ class JobStore:
                 pipe.delete(self.k("idem", owner, idempotency_key))
             pipe.execute()
 
-    # -- transactions --------------------------------------------------------------------------------
-    def _transact(
-        self, job_id: str, decide: Callable[[JobRecord | None], tuple[Any, Callable[[Any], None] | None]]
-    ) -> Any:
-        """Read the record under WATCH, let ``decide`` choose (answer, writes), apply the writes in MULTI.
-
-        ``decide`` returns what to answer and a function queueing the writes on the pipeline (None: write
-        nothing). A concurrent change of the job's hash (another worker, the sweep, a cancel) aborts the
-        transaction and ``decide`` runs again on the new record, so each decision is made exactly once.
-        """
-        key = self.job_key(job_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hgetall(key)
-                    answer, write = decide(self._decode(raw) if raw else None)
-                    if write is None:
-                        pipe.unwatch()
-                        return answer
-                    pipe.multi()
-                    write(pipe)
-                    pipe.execute()
-                    return answer
-                except WatchError:
-                    continue
-
-    def _unindex(self, pipe: Any, job_id: str, owner: str | None) -> None:
-        """Remove a job from every index of unfinished jobs (``owner``: the job's, None when unknown)."""
-        pipe.zrem(self.k("queue"), job_id)
-        pipe.srem(self.k("running"), job_id)
-        pipe.zrem(self.k("deadlines"), job_id)
-        pipe.zrem(self.k("published"), job_id)
-        if owner is not None:
-            pipe.srem(self.k("active", owner), job_id)
-
-    def _finish_fields(
-        self,
-        pipe: Any,
-        record: JobRecord,
-        status: JobStatus,
-        *,
-        result: JobResult | None = None,
-        error: JobError | None = None,
-        progress: Progress | None = None,
-    ) -> None:
-        """Queue the commands that end a job on ``pipe`` (inside MULTI)."""
-        fields: dict[str, Any] = {"status": status, "finished_at": iso_utc(time.time()), "result": result,
-                                  "error": error}  # fmt: skip
-        if progress is not None:
-            fields["progress"] = progress
-        key = self.job_key(record.id)
-        pipe.hset(key, mapping=self._encode(fields))
-        self._unindex(pipe, record.id, record.owner_id)
-        pipe.hincrby(self.k("stats"), status.value, 1)
-        pipe.expire(key, self.settings.job_ttl_seconds)
-
-    def _requeue_fields(self, pipe: Any, record: JobRecord, now: float) -> None:
-        """Queue the commands that put a started job back in line: at its old queue position (its
-        submission sequence), attempts kept; the caller publishes a new message."""
-        queued = {
-            "status": JobStatus.QUEUED,
-            "progress": Progress(stage="queued", total=record.progress.total),
-        }
-        pipe.hset(self.job_key(record.id), mapping=self._encode(queued))
-        pipe.srem(self.k("running"), record.id)
-        pipe.zadd(self.k("queue"), {record.id: record.seq})
-        pipe.zadd(self.k("published"), {record.id: now})
-
     # -- cancel ----------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job:
         """Queued: canceled now. Running: flag it (the worker stops at the next step). Else 409."""
@@ -477,42 +320,6 @@ class JobStore:
         with redis_errors():
             raw = self.r.hget(self.job_key(job_id), "cancel_requested")
         return raw is not None and self._decode_field("cancel_requested", raw)
-
-    # -- leases ----------------------------------------------------------------------------------------
-    def lease_live(self, record: JobRecord, now: float | None = None) -> bool:
-        """Whether a running job's lease holds: its worker beat within EBCA_HEARTBEAT_TTL and still lists
-        the job among those it runs (a restarted process with a reused pid, or one that gave the job up
-        after a store outage, does not)."""
-        if record.lease is None:
-            return False
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.zscore(self.k("workers"), record.lease)
-            pipe.sismember(self.k("holds", record.lease), record.id)
-            beat, holds = pipe.execute()
-        now = time.time() if now is None else now
-        return beat is not None and now - float(beat) <= self.settings.heartbeat_ttl and bool(holds)
-
-    def _must_end(self, record: JobRecord, now: float) -> _End | None:
-        """Whether a job that no live worker holds must end instead of running (again): the one rule for
-        a worker taking a delivery and for the sweep. Past its deadline: failed ``timeout``. Lost by its
-        worker (it was running): canceled if a cancel was pending, failed ``worker_lost`` once it has
-        been started EBCA_MAX_ATTEMPTS times. None: it may run."""
-        if record.past_deadline(now):
-            return _End("timeout", JobStatus.FAILED, record.timeout_error())
-        if record.status == JobStatus.RUNNING:
-            if record.cancel_requested:
-                return _End("canceled", JobStatus.CANCELED)
-            if record.attempts >= self.settings.max_attempts:
-                error = JobError(
-                    code="worker_lost",
-                    message=f"the worker running this job died {record.attempts} times "
-                    f"(EBCA_MAX_ATTEMPTS={self.settings.max_attempts}); giving up",
-                )
-                return _End("exhausted", JobStatus.FAILED, error)
-        return None
-
-    def _end(self, record: JobRecord, end: _End) -> Callable[[Any], None]:
-        return lambda pipe: self._finish_fields(pipe, record, end.status, error=end.error)
 
     # -- worker side ---------------------------------------------------------------------------------
     def begin(self, job_id: str, worker_id: str) -> Begin:
@@ -619,180 +426,3 @@ class JobStore:
             return True, lambda pipe: self._requeue_fields(pipe, record, time.time())
 
         return self._transact(job_id, decide)  # type: ignore[no-any-return]
-
-    # -- the sweep -------------------------------------------------------------------------------------
-    def settle(self, job_id: str, now: float | None = None) -> SettleOutcome:
-        """The sweep's decision for one running or overdue job, made atomically (two sweeps of two
-        workers never both act on a job: the second sees what the first wrote).
-
-        Running under a live lease: kept, unless it is past its deadline by more than EBCA_HEARTBEAT_TTL
-        (its worker should have stopped it at the next step; it ends ``timeout`` and the worker finds its
-        lease gone). Running without one: ended by :meth:`_must_end`, else requeued. Queued past its
-        deadline: ended ``timeout`` without starting.
-        """
-        now = time.time() if now is None else now
-
-        def decide(record: JobRecord | None) -> tuple[SettleOutcome, Callable[[Any], None] | None]:
-            if record is None or record.status.terminal:
-                return "gone", lambda pipe: self._unindex(pipe, job_id, record.owner_id if record else None)
-            if record.status == JobStatus.RUNNING and self.lease_live(record, now):
-                if not record.past_deadline(now - self.settings.heartbeat_ttl):
-                    return "kept", None
-                end: _End | None = _End("timeout", JobStatus.FAILED, record.timeout_error())
-            else:
-                end = self._must_end(record, now)
-            if end is not None:
-                return end.outcome, self._end(record, end)
-            if record.status == JobStatus.QUEUED:
-                return "kept", None
-            return "requeued", lambda pipe: self._requeue_fields(pipe, record, now)
-
-        return self._transact(job_id, decide)  # type: ignore[no-any-return]
-
-    def sweep(self, publish: Callable[[str], None]) -> dict[str, list[str]]:
-        """One pass of crash recovery; returns the job ids acted on, by what was done.
-
-        1. Every running job and every job past its deadline is settled (:meth:`settle`); a requeued
-           job gets a new message from ``publish``. Its old message, whenever the broker restores it,
-           finds the job running elsewhere or finished and is dropped (:meth:`begin`).
-        2. Queued jobs whose message was due more than EBCA_REPUBLISH_GRACE_SECONDS ago are looked up
-           in the broker (at most every BROKER_SCAN_SECONDS, by one worker); those without a message
-           (lost with a Redis that restarted without its data, or a crash between record and publish)
-           are published again. A spare message costs one dropped delivery; a lost one, a lost job.
-        """
-        now = time.time()
-        report: dict[str, list[str]] = {}
-        due = set(self.r.smembers(self.k("running")))
-        due.update(self.r.zrangebyscore(self.k("deadlines"), "-inf", now))
-        for job_id in sorted(due):
-            outcome = self.settle(job_id, now)
-            if outcome == "kept":
-                continue
-            report.setdefault(outcome, []).append(job_id)
-            if outcome == "requeued":
-                self._publish(publish, job_id)
-        stale = self.r.zrangebyscore(self.k("published"), "-inf", now - self.settings.republish_grace_seconds)
-        if stale and self.r.set(self.k("sweep", "broker"), "1", nx=True, px=int(BROKER_SCAN_SECONDS * 1000)):
-            present = queued_job_ids(self.r, self.settings.queue)
-            for job_id in stale:
-                if self.r.zscore(self.k("queue"), job_id) is None:
-                    self.r.zrem(self.k("published"), job_id)  # started or finished meanwhile
-                    continue
-                if job_id not in present:
-                    report.setdefault("republished", []).append(job_id)
-                    self._publish(publish, job_id)
-                self.r.zadd(self.k("published"), {job_id: time.time()}, xx=True)
-        if self.r.set(self.k("sweep", "trim"), "1", nx=True, px=int(INDEX_TRIM_SECONDS * 1000)):
-            self._trim_index()
-        return report
-
-    def _trim_index(self) -> None:
-        """Drop the job-index entries (GET /jobs) of the oldest records that have expired."""
-        oldest = [str(m) for m in self.r.zrange(self.k("jobs"), 0, INDEX_TRIM_BATCH - 1)]
-        with self.r.pipeline(transaction=False) as pipe:
-            for member in oldest:
-                pipe.exists(self.job_key(member.rsplit("/", 1)[-1]))
-            present = pipe.execute()
-        gone = [member for member, exists in zip(oldest, present, strict=True) if not exists]
-        if not gone:
-            return
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.k("jobs"), *gone)
-            for member in gone:
-                owner, job_id = member.rsplit("/", 1)
-                pipe.zrem(self.k("owned", owner), job_id)
-                pipe.srem(self.k("active", owner), job_id)
-            pipe.execute()
-
-    @staticmethod
-    def _publish(publish: Callable[[str], None], job_id: str) -> None:
-        try:
-            publish(job_id)
-        except Exception as exc:  # the broker is away: the job is queued; the lost-message scan retries
-            log.warning("job %s: could not publish its message: %s", job_id, exc)
-
-    # -- heartbeats ------------------------------------------------------------------------------------
-    def heartbeat(self, worker_id: str, holding: Callable[[], Collection[str]] = tuple) -> None:
-        """Beat for ``worker_id`` and report the jobs it runs now (``holding()``, read in the process).
-
-        The holdings key is watched: a :meth:`begin` of this process that lands between reading
-        ``holding()`` and writing makes the beat run again, so a beat can never erase a fresh lease
-        (the process lists a job before it calls begin).
-        """
-        holds = self.k("holds", worker_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(holds)
-                    jobs = sorted(holding())
-                    now = time.time()
-                    pipe.multi()
-                    pipe.zadd(self.k("workers"), {worker_id: now})
-                    # Forget workers silent for far longer than the TTL so the set stays small.
-                    pipe.zremrangebyscore(self.k("workers"), 0, now - self._worker_retention)
-                    pipe.delete(holds)
-                    if jobs:
-                        pipe.sadd(holds, *jobs)
-                        pipe.expire(holds, self._worker_retention)
-                    pipe.execute()
-                    return
-                except WatchError:
-                    continue
-
-    def worker_gone(self, worker_id: str) -> None:
-        with self.r.pipeline() as pipe:
-            pipe.zrem(self.k("workers"), worker_id)
-            pipe.delete(self.k("holds", worker_id))
-            pipe.execute()
-
-    def worker_alive(self, worker_id: str) -> bool:
-        score = self.r.zscore(self.k("workers"), worker_id)
-        return score is not None and time.time() - float(score) <= self.settings.heartbeat_ttl
-
-    def live_workers(self) -> list[str]:
-        with redis_errors():
-            return list(
-                self.r.zrangebyscore(self.k("workers"), time.time() - self.settings.heartbeat_ttl, "+inf")
-            )
-
-    def mark_draining(self, worker_id: str) -> None:
-        """Say that a worker process is shutting down (its prefork children hand their jobs back)."""
-        self.r.set(self.k("draining", worker_id), "1", ex=self._worker_retention)
-
-    def draining(self, worker_id: str) -> bool:
-        return bool(self.r.exists(self.k("draining", worker_id)))
-
-    # -- models ----------------------------------------------------------------------------------------
-    def publish_model_defaults(self, defaults: dict[str, dict[str, Any]]) -> None:
-        """A worker announces the defaults of the models it serves (GET /models lists them)."""
-        if defaults:
-            self.r.hset(self.k("models"), mapping={mid: json.dumps(d) for mid, d in defaults.items()})
-
-    def model_defaults(self) -> dict[str, dict[str, Any]]:
-        with redis_errors():
-            raw = self.r.hgetall(self.k("models"))
-        return {model_id: json.loads(value) for model_id, value in raw.items()}
-
-    # -- metrics ---------------------------------------------------------------------------------------
-    def observe(self, name: str, value: float) -> None:
-        """Add one observation to a Redis-backed histogram (the api exports it on /metrics)."""
-        key = self.k("hist", name)
-        with self.r.pipeline(transaction=False) as pipe:
-            for bound in HISTOGRAM_BUCKETS[name]:
-                if value <= bound:
-                    pipe.hincrby(key, repr(float(bound)), 1)
-            pipe.hincrby(key, "+Inf", 1)
-            pipe.hincrbyfloat(key, "sum", value)
-            pipe.execute()
-
-    def histogram(self, name: str) -> tuple[list[tuple[str, float]], float]:
-        with redis_errors():
-            raw = self.r.hgetall(self.k("hist", name))
-        buckets = [(repr(float(b)), float(raw.get(repr(float(b)), 0))) for b in HISTOGRAM_BUCKETS[name]]
-        buckets.append(("+Inf", float(raw.get("+Inf", 0))))
-        return buckets, float(raw.get("sum", 0.0))
-
-    def status_counts(self) -> dict[str, int]:
-        with redis_errors():
-            raw = self.r.hgetall(self.k("stats"))
-        return {status.value: int(raw.get(status.value, 0)) for status in JobStatus}

@@ -1,6 +1,6 @@
 """API keys in process (TestClient, real Redis under a private prefix, a fake queue): who gets in, who
 sees which job, the per-key quotas, key management, and the headers that go with them. The real
-service (uvicorn, workers, two api processes) is tested in tests/integration/test_auth.py."""
+service (uvicorn, workers, two api processes) is tested in tests/integration/test_auth_stack.py."""
 
 from __future__ import annotations
 
