@@ -13,8 +13,9 @@ from typing import Any, TypeVar, cast
 import httpx
 
 from ebca_client import _flow
-from ebca_client._base import STREAM_IDLE_TIMEOUT, BaseClient, BaseJob, _deadline
+from ebca_client._base import BaseClient
 from ebca_client._flow import Flow, Runner
+from ebca_client._job import STREAM_IDLE_TIMEOUT, BaseJob, _deadline
 from ebca_client.models import CallerInfo, JobEvent, JobInfo, JobPage, KeyInfo, ModelInfo, NewKey
 
 T = TypeVar("T")

@@ -160,7 +160,9 @@ class Blocker(importlib.abc.MetaPathFinder):
         dists = {d.lower().replace("_", "-") for d in owners.get(top, [])}
         if dists and not dists & allowed and top not in ("api", "ebca_common"):
             blocked.append(top)
-            raise ImportError(f"{top} is not installed in the API image")
+            # What Python raises for a package that is not installed (anyio, for one, catches exactly
+            # ModuleNotFoundError around its optional sniffio import).
+            raise ModuleNotFoundError(f"{top} is not installed in the API image", name=top)
         return None
 
 sys.meta_path.insert(0, Blocker())

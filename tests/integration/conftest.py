@@ -388,3 +388,20 @@ def dead_redis_api(logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iter
     wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 60, "the api")
     yield url
     proc.stop()
+
+
+def running_at_step(n: int, attempts: int | None = None) -> Callable[[dict[str, Any]], bool]:
+    """A ``wait_job`` check: the job is denoising at step ``n`` or later (on attempt ``attempts``);
+    raises when it ended first."""
+
+    def check(job: dict[str, Any]) -> bool:
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            raise AssertionError(f"job ended early: {job['status']} {job['error']}")
+        return (
+            job["status"] == "running"
+            and job["progress"]["stage"] == "denoising"
+            and job["progress"]["step"] >= n
+            and (attempts is None or job["attempts"] == attempts)
+        )
+
+    return check

@@ -8,6 +8,7 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import running_at_step
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -23,20 +24,6 @@ def submit(stack: Stack, body: dict[str, Any]) -> str:
     response = stack.post("/generate", json=body, timeout=10)
     assert response.status_code == 202, response.text
     return response.json()["id"]
-
-
-def running_at_step(n: int, attempts: int | None = None):
-    def check(job: dict[str, Any]) -> bool:
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            raise AssertionError(f"job ended early: {job['status']} {job['error']}")
-        return (
-            job["status"] == "running"
-            and job["progress"]["stage"] == "denoising"
-            and job["progress"]["step"] >= n
-            and (attempts is None or job["attempts"] == attempts)
-        )
-
-    return check
 
 
 def ensure_workers(stack: Stack, count: int = 2) -> None:
