@@ -21,7 +21,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import build_registry
 from api.openapi import build_openapi
-from api.routers import jobs, keys, service, submit
+from api.routers import jobs, keys, page, service, submit
 from api.service import JobService, Publisher
 from ebca_common.queueing import CeleryPublisher
 from ebca_common.settings import Settings, get_settings
@@ -97,6 +97,8 @@ def create_app(
         return response
 
     app.include_router(service.health)  # liveness and readiness: no key
+    app.include_router(page.router)  # the web page: public, it calls the API with the user's key
+    app.mount("/static", page.static_files, name="static")
     # Everything else needs a key (routes that use the caller declare it too; FastAPI runs it once).
     for router in (submit.router, jobs.router, keys.router, service.router):
         app.include_router(router, dependencies=[Depends(current_caller)])

@@ -186,8 +186,12 @@ until grep -q "stack-worker@.* ready\." "$LOGS/worker.log" 2>/dev/null \
   sleep 0.5
 done
 
+# The key rides in the address's fragment: the browser keeps it (local storage) and never sends a
+# fragment to the server, so it stays out of access logs and Referer headers.
+PAGE_KEY="${API_KEY:+#key=$API_KEY}"
 cat <<EOF
-serve: EBCA Serve is ready at $URL  (API docs: $URL/docs)
+serve: EBCA Serve is ready at $URL
+serve: open the web page: $URL/$PAGE_KEY  (API docs: $URL/docs)
 serve: API key: ${API_KEY:-none (EBCA_AUTH=off)}
 serve: try it from another terminal:
   .venv/bin/ebca --url $URL$KEY_ARG generate "a red circle and a blue square" --gamma-attn 0.01 --gamma-norm 0.02 --weight circle=2 -o out/

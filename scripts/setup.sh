@@ -8,7 +8,8 @@
 # System packages (Debian/Ubuntu names), installed with apt-get when missing and running as root;
 # otherwise setup stops and names what to install:
 #   always:          python3.X-venv (Python's venv module), redis-server
-#   unless --runtime: docker-compose (the deployment lint of scripts/test.sh)
+#   unless --runtime: docker-compose (the deployment lint of scripts/test.sh), chromium (the browser
+#                     tests of the web page, driven by Playwright's Python package)
 # --runtime is what scripts/serve.sh asks for: running the service needs no test tools.
 #
 # torch is installed on its own first because an unpinned torch from the index is a multi-GB CUDA
@@ -21,7 +22,7 @@ RUNTIME_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --runtime) RUNTIME_ONLY=1 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup: unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -44,12 +45,14 @@ fi
 # -- 1. system packages ---------------------------------------------------------------------------------
 have_venv_module() { [ -x .venv/bin/python ] || "$PYTHON_BIN" -c 'import ensurepip, venv' >/dev/null 2>&1; }
 have_compose() { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }
+have_chromium() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
 py_version="$("$PYTHON_BIN" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 missing=()
 have_venv_module || missing+=("python${py_version}-venv")
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ "$RUNTIME_ONLY" = 0 ]; then
   have_compose || missing+=(docker-compose)
+  have_chromium || missing+=(chromium)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

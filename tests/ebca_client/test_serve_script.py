@@ -123,6 +123,10 @@ def test_serve_script_runs_the_stack_and_ctrl_c_leaves_nothing(tmp_path: Path, t
         # The first run made an admin key for this machine, kept in var/ and printed.
         key = (var / "api_key").read_text().strip()
         assert key.startswith("ebca_") and f"serve: API key: {key}" in banner
+        # The web page first, with the key in the address's fragment (the page keeps it).
+        assert f"serve: open the web page: {url}/#key={key}" in banner
+        page = httpx.get(f"{url}/", timeout=10)
+        assert page.status_code == 200 and "<title>EBCA Serve</title>" in page.text
         assert (var / "api_key").stat().st_mode & 0o077 == 0  # readable by its owner only
         denied = httpx.get(f"{url}/models", timeout=10)
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
