@@ -247,3 +247,22 @@ def test_keyboard_only_generate(run: PageRun) -> None:
     page.keyboard.press("Enter")
     assert page.locator("#weights input").count() == 1
     assert run.failed == []
+
+
+def test_edit_this_runs_a_synthetic_edit_of_the_job(run: PageRun, stack: Stack) -> None:
+    page = run.page
+    _set_prompt(page, "a red circle")
+    page.click("#generate-btn")
+    card = page.locator("#results .job").first
+    card.locator(".result img").wait_for()
+    source = card.get_attribute("data-job-id")
+    card.locator(".edit-this").click()
+    assert page.inner_text("#synthetic-source") == source
+    page.fill("#synthetic-edits .edit-prompt", "a blue circle")
+    page.click("#synthetic-btn")
+    edited = page.locator("#results .job", has_text="synthetic edit: a blue circle")
+    edited.locator(".result img").wait_for()
+    job = stack.job(edited.get_attribute("data-job-id"), key=KEY)
+    assert job["mode"] == "synthetic" and job["request"]["source_job_id"] == source
+    run.shot("synthetic")
+    assert run.failed == []

@@ -122,16 +122,30 @@ export class EditPanel {
   addEditRow(container, values = {}) {
     const row = $("#edit-row").content.firstElementChild.cloneNode(true);
     const index = container.children.length;
-    const defaults = (this.modelDefaults() || {}).edit || {};
     $(".edit-prompt", row).value = values.prompt || "";
     $(".edit-prompt", row).dataset.field = `edits.${index}.prompt`;
     $(".edit-alpha", row).dataset.field = `edits.${index}.alpha`;
     $(".edit-alpha-tau", row).dataset.field = `edits.${index}.alpha_tau`;
-    // Pre-filled with the model's edit defaults where it has them; left blank, the server's apply.
-    $(".edit-alpha", row).value = defaults.alpha ?? "";
-    $(".edit-alpha-tau", row).value = defaults.alpha_tau ?? "";
+    $(".edit-direction", row).addEventListener("change", () => this.fillDefaults(row));
     $(".remove-edit", row).addEventListener("click", () => row.remove());
     container.append(row);
+    this.fillDefaults(row);
+  }
+
+  /** Pre-fill a row with the model's edit defaults for its mode and direction (GET /models:
+   * defaults.edit.{synthetic|real}.{and|not}); where the model has none the fields stay blank and the
+   * server's defaults apply. */
+  fillDefaults(row) {
+    const mode = row.closest("#real-edits") ? "real" : "synthetic";
+    const edit = (this.modelDefaults() || {}).edit || {};
+    const defaults = (edit[mode] || {})[$(".edit-direction", row).value] || {};
+    $(".edit-alpha", row).value = defaults.alpha ?? "";
+    $(".edit-alpha-tau", row).value = defaults.alpha_tau ?? "";
+  }
+
+  /** The model changed (or its defaults arrived): every row takes its defaults. */
+  refreshDefaults() {
+    for (const row of $$(".edit-row", this.root)) this.fillDefaults(row);
   }
 
   edits(container) {

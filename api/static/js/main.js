@@ -60,6 +60,7 @@ function showModelDefaults() {
   }
   const scheduler = $("#scheduler option[value='']");
   scheduler.textContent = defaults.scheduler ? `model default (${defaults.scheduler})` : "model default";
+  edit.refreshDefaults();
 }
 
 // -- token weights: click a word of the prompt, choose its weight ------------------------------------
