@@ -32,7 +32,8 @@ from ebca_common.images import decode_image
 from ebca_common.jobs import JobStatus, unix_time
 from ebca_common.specs import SCHEDULERS, parse_model
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], dependencies=[Depends(current_caller)])
+# Out of /openapi.json: this is A1111's API (docs/COMPAT.md says what is mapped).
+router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(current_caller)], include_in_schema=False)
 
 #: A1111 sampler names -> our schedulers (our own names are accepted as well).
 SAMPLERS: dict[str, str] = {

@@ -57,9 +57,10 @@ _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 #: A mask pixel whose alpha is below this is "transparent": the area to edit (OpenAI's convention).
 ALPHA_EDIT_BELOW = 128
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(current_caller)])
+# Out of /openapi.json: this is OpenAI's API, documented by OpenAI (docs/COMPAT.md says what is mapped).
+router = APIRouter(prefix="/v1", dependencies=[Depends(current_caller)], include_in_schema=False)
 #: The signed image URLs: no API key (an <img> tag or a chat front end fetches them); the signature is it.
-files = APIRouter(prefix="/v1", tags=["openai"])
+files = APIRouter(prefix="/v1", include_in_schema=False)
 
 
 # -- errors ------------------------------------------------------------------------------------------------

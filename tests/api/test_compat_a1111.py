@@ -190,3 +190,17 @@ def test_progress_and_interrupt_touch_only_the_callers_running_job(compat_app: C
     assert response.status_code == 409 and response.json()["error"] == "canceled"  # type: ignore[attr-defined]
     assert compat_app.store.record(job_id).status == "canceled"  # type: ignore[union-attr]
     assert compat_app.client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is True
+
+
+def test_every_route_needs_a_key(compat_app: CompatApp) -> None:
+    gets = ("sd-models", "samplers", "options", "scripts", "progress")
+    for method, name in [
+        *(("GET", g) for g in gets),
+        *(("POST", p) for p in ("txt2img", "img2img", "interrupt")),
+    ]:
+        response = compat_app.client.request(method, f"/sdapi/v1/{name}", headers={"Authorization": ""})
+        assert response.status_code == 401 and response.json()["error"] == "unauthorized", (
+            name,
+            response.text,
+        )
+    assert compat_app.worker.jobs == []

@@ -176,3 +176,15 @@ def test_edit_refusals_name_the_field(compat_app: CompatApp) -> None:
         assert response.json()["error"]["param"] == param, response.text
     json_body = compat_app.client.post("/v1/images/edits", content=json.dumps({"prompt": "x"}))
     assert json_body.status_code == 400 and json_body.json()["error"]["param"] == "content-type"
+
+
+def test_every_route_needs_a_key(compat_app: CompatApp) -> None:
+    for method, path in (
+        ("POST", "/v1/images/generations"),
+        ("POST", "/v1/images/edits"),
+        ("GET", "/v1/models"),
+    ):
+        response = compat_app.client.request(method, path, headers={"Authorization": ""})
+        assert response.status_code == 401, (path, response.text)
+        assert response.json()["error"]["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"].startswith("Bearer")
