@@ -116,21 +116,33 @@ async def wait_for(request: Request, services: Services, job_id: str) -> JobReco
     (plus the sweep's grace) the job is canceled and the client gets a timeout."""
     store = services.store
     interval = POLL_FIRST_SECONDS
-    while True:
-        record = await run_in_threadpool(store.record, job_id)
-        if record is None:  # expired or removed: nothing left to wait for
-            raise NotFound(f"job {job_id!r} is gone")
-        if record.status.terminal:
-            return record
-        if await request.is_disconnected():
-            await _cancel(services, job_id)
-            raise JobCanceled(f"the client went away; job {job_id} was canceled")
-        deadline = unix_time(record.deadline_at) if record.deadline_at else None
-        if deadline is not None and time.time() > deadline + DEADLINE_GRACE_SECONDS:
-            await _cancel(services, job_id)
-            raise JobTimedOut(f"job {job_id} was not done by its deadline {record.deadline_at}")
-        await asyncio.sleep(interval)
-        interval = min(POLL_MAX_SECONDS, interval * 2)
+    # A task that ends when the client goes away. It awaits the next ASGI message (after the body,
+    # only http.disconnect comes); Request.is_disconnected() cannot see it through the app's
+    # BaseHTTPMiddleware, whose receive always loses to the immediate cancel that method uses.
+    gone = asyncio.create_task(_disconnect(request))
+    try:
+        while True:
+            record = await run_in_threadpool(store.record, job_id)
+            if record is None:  # expired or removed: nothing left to wait for
+                raise NotFound(f"job {job_id!r} is gone")
+            if record.status.terminal:
+                return record
+            if gone.done():
+                await _cancel(services, job_id)
+                raise JobCanceled(f"the client went away; job {job_id} was canceled")
+            deadline = unix_time(record.deadline_at) if record.deadline_at else None
+            if deadline is not None and time.time() > deadline + DEADLINE_GRACE_SECONDS:
+                await _cancel(services, job_id)
+                raise JobTimedOut(f"job {job_id} was not done by its deadline {record.deadline_at}")
+            await asyncio.wait({gone}, timeout=interval)  # the poll interval, cut short by a disconnect
+            interval = min(POLL_MAX_SECONDS, interval * 2)
+    finally:
+        gone.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _cancel(services: Services, job_id: str) -> None:
