@@ -32,7 +32,7 @@ from ebca_common.keys import Caller
 #: Polling of the job record while a client waits: fast at first (a small job is done in well under a
 #: second on the built-in model), then at most this often (one Redis HGETALL per poll).
 POLL_FIRST_SECONDS = 0.02
-POLL_MAX_SECONDS = 0.1
+POLL_MAX_SECONDS = 0.05
 #: After the job's deadline the sweep fails it within a few seconds; the adapter waits this long more
 #: for that record before it gives up and cancels the job itself.
 DEADLINE_GRACE_SECONDS = 10.0
