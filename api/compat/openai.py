@@ -138,7 +138,7 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
 def our_body(fields: _OpenAIFields) -> dict[str, Any]:
     """The fields of our request that an OpenAI request sets (unset ones keep our defaults)."""
     given = fields.model_fields_set
-    body: dict[str, Any] = {"prompt": fields.prompt}
+    body: dict[str, Any] = {"prompt": fields.prompt} if "prompt" in given else {}  # else "field required"
     if fields.model is not None:
         body["model"] = fields.model
     if fields.n is not None:

@@ -188,3 +188,11 @@ def test_every_route_needs_a_key(compat_app: CompatApp) -> None:
         assert response.status_code == 401, (path, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
         assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_missing_prompt_and_transparent_background_are_named(compat_app: CompatApp) -> None:
+    missing = compat_app.client.post("/v1/images/generations", json={"n": 1}).json()["error"]
+    assert missing["param"] == "prompt" and "required" in missing["message"]
+    transparent = {"prompt": "a cat", "background": "transparent"}
+    error = compat_app.client.post("/v1/images/generations", json=transparent).json()["error"]
+    assert error["param"] == "background"
