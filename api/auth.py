@@ -9,6 +9,8 @@ request is and whether it may see a job (docs/API.md, "API keys and ownership").
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import threading
@@ -193,6 +195,23 @@ bearer = HTTPBearer(
 )
 
 
+def presented_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The API key a request carries: the Bearer token, or the password of HTTP Basic (what AUTOMATIC1111
+    clients send for ``--api-auth``; the user name is ignored). The one place a key is read from a
+    request (docs/API.md, "API keys and ownership")."""
+    if credentials is not None:
+        return credentials.credentials
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _user, sep, password = decoded.partition(":")
+    return password if sep and password else None
+
+
 def current_caller(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 ) -> Caller:
@@ -200,9 +219,13 @@ def current_caller(
     services = request.app.state.services
     if services.settings.auth == "off":
         return OPEN_CALLER
-    if credentials is None:
-        raise Unauthorized("missing API key: send the header Authorization: Bearer <key>")
-    caller = services.keyring.authenticate(credentials.credentials)
+    key = presented_key(request, credentials)
+    if key is None:
+        raise Unauthorized(
+            "missing API key: send the header Authorization: Bearer <key> "
+            "(or HTTP Basic with the key as password)"
+        )
+    caller = services.keyring.authenticate(key)
     if caller is None:
         raise Unauthorized("invalid or revoked API key")
     return caller

@@ -7,7 +7,7 @@ validation, Starlette's 404/405, a Redis outage and anything unexpected are mapp
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,50 +52,70 @@ ERRORS = {
 }
 
 
+#: Renders a service error as a response (the adapters of api/compat/ speak their clients' dialects).
+ErrorRenderer = Callable[[ServiceError], JSONResponse]
+
+
 def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 
 
-def install_error_handlers(app: FastAPI, settings: Settings) -> None:
-    """Register the handlers that give every error the one body shape."""
+def http_error(status_code: int, message: str) -> ServiceError:
+    """A Starlette HTTP error (404 of an unknown path, 405) as a service error."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    exc = ServiceError(message)
+    exc.status_code = status_code
+    exc.code = codes.get(status_code, "http_error")
+    return exc
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        if isinstance(exc, Unavailable) and exc.retry_after is None:
-            exc.retry_after = settings.retry_after_seconds
+
+def install_error_handlers(
+    app: FastAPI, settings: Settings, dialects: Mapping[str, ErrorRenderer] | None = None
+) -> None:
+    """Register the handlers that give every error the one body shape; under a path prefix of
+    ``dialects`` (``/v1/``, ``/sdapi/``) the same errors are rendered in that API's shape instead."""
+
+    def render(request: Request, exc: ServiceError) -> JSONResponse:
+        path = request.url.path
+        for prefix, renderer in (dialects or {}).items():
+            if path.startswith(prefix):
+                return renderer(exc)
         return error_response(exc)
 
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, Unavailable) and exc.retry_after is None:
+            exc.retry_after = settings.retry_after_seconds
+        return render(request, exc)
+
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "path", "query", "header"))
         path = field_path(loc) or None
-        return error_response(ValidationFailed(f"{path}: {first.get('msg')}", field=path))
+        return render(request, ValidationFailed(f"{path}: {first.get('msg')}", field=path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
-        headers = dict(getattr(exc, "headers", None) or {})
+        error = http_error(exc.status_code, str(exc.detail))
+        error.extra_headers.update(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             # Starlette names only the first route whose path matched; /jobs/{id} has two (GET, DELETE).
-            headers["Allow"] = ", ".join(_allowed_methods(app, request))
-        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
+            error.extra_headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return render(request, error)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(
-            Unavailable(f"the job store is unreachable: {exc}", retry_after=settings.retry_after_seconds)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        return render(
+            request,
+            Unavailable(f"the job store is unreachable: {exc}", retry_after=settings.retry_after_seconds),
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(
-            {"error": {"code": "internal_error", "message": "internal error; see the api log"}},
-            status_code=500,
-        )
+        return render(request, ServiceError("internal error; see the api log"))
 
 
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:

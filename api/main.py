@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from api.auth import KeyRing, current_caller, startup_warnings
+from api.compat import a1111, openai
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import build_registry
@@ -71,7 +72,8 @@ def create_app(
         registry=registry,
         keyring=keyring,
     )
-    install_error_handlers(app, settings)
+    # The adapters' routes answer errors in their clients' shapes (docs/COMPAT.md).
+    install_error_handlers(app, settings, {"/v1/": openai.render_error, "/sdapi/": a1111.render_error})
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -102,6 +104,10 @@ def create_app(
     # Everything else needs a key (routes that use the caller declare it too; FastAPI runs it once).
     for router in (submit.router, jobs.router, keys.router, service.router):
         app.include_router(router, dependencies=[Depends(current_caller)])
+    # The drop-in adapters (api/compat/): the OpenAI Images API and the AUTOMATIC1111 API, each router
+    # with its key dependency; the signed image URLs of the OpenAI adapter carry their own proof.
+    for router in (openai.router, openai.files, a1111.router):
+        app.include_router(router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 

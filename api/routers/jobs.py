@@ -16,7 +16,9 @@ from api.auth import CallerDep, OwnedJob
 from api.deps import SettingsDep, StorageDep, StoreDep
 from api.errors import ERRORS
 from ebca_common.errors import Forbidden, NotFound, ValidationFailed
-from ebca_common.jobs import Job, JobStatus
+from ebca_common.jobs import Job, JobRecord, JobStatus
+from ebca_common.settings import Settings
+from ebca_common.storage import Storage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -76,6 +78,12 @@ def cancel_job(record: OwnedJob, store: StoreDep) -> JSONResponse:
     summary="Download a result image",
 )
 def get_image(record: OwnedJob, index: int, storage: StorageDep, settings: SettingsDep) -> Response:
+    return image_response(record, index, storage, settings)
+
+
+def image_response(record: JobRecord, index: int, storage: Storage, settings: Settings) -> Response:
+    """Image ``index`` of a job: its bytes (local store) or a redirect to a presigned URL (S3). Also
+    what the signed image URLs of the OpenAI adapter answer (api/compat/openai.py)."""
     if record.status != JobStatus.SUCCEEDED or record.result is None:
         raise NotFound(f"job {record.id!r} is {record.status.value}; it has no images")
     images = record.result.images
