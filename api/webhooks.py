@@ -76,6 +76,10 @@ return 1
 """
 
 
+#: Name resolution of receivers' hosts (a module attribute, so tests can give a name a private address).
+resolve = socket.getaddrinfo
+
+
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """``webhook-signature``: ``v1,`` + base64 HMAC-SHA256 of ``{id}.{timestamp}.{body}`` with the key
     of a ``whsec_<base64>`` secret (Standard Webhooks; ebca_client.verify_webhook checks it)."""
@@ -235,8 +239,10 @@ class Dispatcher:
             return
         parts = urlsplit(url)
         host = parts.hostname or ""
+        if private_host(host):
+            raise DeliveryRefused(f"{host} is a loopback or private address")
         try:
-            infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+            infos = resolve(host, parts.port or 443, proto=socket.IPPROTO_TCP)
         except OSError:
             return  # httpx reports the lookup failure, and it is retried
         for info in infos:

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from testkeys import TestKeys
 
 from api.main import create_app
+from ebca_client._sse import ServerSentEvent, SSEParser
 from ebca_common.jobs import JobStatus
 from ebca_common.settings import Settings
 from ebca_common.store import JobStore
-from ebca_client._sse import SSEParser, ServerSentEvent
 
 ALICE = TestKeys.header(TestKeys.alice)
 
