@@ -119,7 +119,7 @@ def test_last_event_id_resumes_after_that_event(client: TestClient, store: JobSt
     for action in run_job(store, job_id):
         action()
     whole, _ = parse(client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "0-0"}).text)
-    assert [e.event for e in whole] == ["queued", "running", "running", "running", "succeeded"]
+    assert [e.event for e in whole[:2]] == ["queued", "running"] and whole[-1].event == "succeeded"
     rest, _ = parse(client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": whole[1].id}).text)  # type: ignore[dict-item]
     assert [e.id for e in rest] == [e.id for e in whole[2:]]
 
