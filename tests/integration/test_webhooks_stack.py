@@ -41,7 +41,7 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 def settled(stack: Stack, job_id: str) -> dict[str, Any]:
     """The job once it ended and none of its deliveries is pending."""
-    job = stack.wait_job(job_id, timeout=120)
+    stack.wait_job(job_id, timeout=120)
     wait_until(lambda: stack.job(job_id)["webhook"]["deliveries"]["pending"] == 0, 60, "the deliveries")
     return stack.job(job_id)
 
