@@ -3,12 +3,28 @@ raw body, arrival time) and answers with the next status of ``plan`` (200 once i
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
+
+
+def documented_verify() -> Callable[[bytes, dict[str, str], str], Any]:
+    """The ``verify`` function that docs/API.md shows under "Verifying a delivery", as written there."""
+    text = API_DOC.read_text()
+    section = text[text.index("Verifying a delivery") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "docs/API.md lost its verification example"
+    namespace: dict[str, Any] = {}
+    exec(compile(code.group(1), str(API_DOC), "exec"), namespace)
+    return namespace["verify"]  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from testkeys import TestKeys
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, documented_verify
 
 from api.main import create_app
 from api.webhooks import Dispatcher, WebhookSecrets, sign
@@ -249,3 +249,7 @@ def test_sign_matches_the_sdks_verification() -> None:
         "webhook-signature": sign(secret, "msg_1", now, b"{}"),
     }
     assert verify_webhook(b"{}", headers, secret) == {}
+    verify = documented_verify()
+    assert verify(b"{}", headers, secret) == {}
+    with pytest.raises(ValueError, match="bad signature"):
+        verify(b"{ }", headers, secret)

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, documented_verify
 
 from ebca_client import verify_webhook
 from ebca_common.jobs import unix_time
@@ -54,6 +54,9 @@ def test_signed_start_throttled_progress_and_completed(events_stack: Stack) -> N
         seen = receiver.deliveries()
     assert job["status"] == "succeeded"
     payloads = [verify_webhook(d.body, d.headers, secret) for d in seen]
+    # The ten lines docs/API.md shows agree with the SDK's helper.
+    verify = documented_verify()
+    assert [verify(d.body, d.headers, secret) for d in seen] == payloads
     kinds = [p["type"] for p in payloads]
     assert kinds[0] == "start" and kinds[-1] == "completed" and set(kinds[1:-1]) == {"progress"}
     assert all(p["data"]["job_id"] == job_id for p in payloads)
