@@ -128,8 +128,11 @@ class StoreBase:
         return encoded
 
     @staticmethod
-    def _decode(raw: Mapping[str, str]) -> JobRecord:
+    def decode(raw: Mapping[str, str]) -> JobRecord:
+        """The record of a job hash as read (HGETALL), e.g. by another Redis client."""
         return JobRecord.model_validate({name: json.loads(value) for name, value in raw.items()})
+
+    _decode = decode
 
     @staticmethod
     def _decode_field(name: str, raw: str) -> Any:

@@ -78,7 +78,7 @@ class EventStream:
             pipe.hgetall(self.job_key)
             pipe.zrank(self.queue_key, self.job_id)
             tail, raw, rank = await pipe.execute()
-        record = self.store._decode(raw) if raw else None
+        record = self.store.decode(raw) if raw else None
         return (tail[0][0] if tail else None), record, rank
 
     def _snapshot(self, event_id: str, record: JobRecord, rank: int | None) -> str:
