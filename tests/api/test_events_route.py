@@ -80,7 +80,7 @@ def run_job(store: JobStore, job_id: str, steps: int = 3) -> list[Callable[[], A
 
 def test_a_job_from_queued_to_succeeded(client: TestClient, store: JobStore) -> None:
     job_id = submit(client)
-    thread = later(0.5, *run_job(store, job_id))
+    thread = later(1.0, *run_job(store, job_id))  # after the stream has opened
     response = client.get(f"/jobs/{job_id}/events")
     thread.join()
     assert response.status_code == 200
@@ -143,7 +143,7 @@ def test_the_queue_position_is_sent_when_it_moves(client: TestClient, store: Job
     ahead, job_id = submit(client), submit(client)
     store.heartbeat("w:1")
     thread = later(
-        0.3,
+        1.0,  # after the stream has opened and sent the first position
         lambda: store.begin(ahead, "w:1"),  # the job ahead starts: this one is next in line
         lambda: time.sleep(1.5),  # longer than a position tick
         *run_job(store, job_id),

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 #: Long enough that the jobs behind it are seen waiting in line (the tiny model on CPU).
-BUSY = {"prompt": "a red circle", "steps": 120, "seed": 1, "width": 32, "height": 32}
+BUSY = {"prompt": "a red circle", "steps": 200, "seed": 1, "width": 32, "height": 32}
 SHORT = {"prompt": "a blue square", "steps": 12, "seed": 2, "width": 32, "height": 32}
 
 
