@@ -18,6 +18,13 @@ Layout (``{p}`` = EBCA_KEY_PREFIX):
 - ``{p}:stats``        hash status -> number of jobs that reached it (Prometheus counters)
 - ``{p}:hist:{name}``  hash of histogram buckets, sum and count (job and step durations)
 - ``{p}:models``       hash model id -> JSON defaults, published by the workers that serve it
+- ``{p}:events:{id}``  stream of the job's live events (fields ``status``, ``data`` JSON; the entry id
+                        is the SSE id), appended in the transaction of each state change, capped at
+                        EBCA_EVENTS_MAXLEN and expiring with the finished record
+- ``{p}:webhooks:msgs`` hash webhook-id -> pending delivery (job id, fixed body, created, attempts)
+- ``{p}:webhooks:due``  sorted set webhook-id -> when the delivery is next due (api/webhooks.py)
+- ``{p}:webhooks:throttle:{id}`` present for a second after a progress delivery of the job was queued
+- ``{p}:webhooks:secret`` the service secret of webhook signatures when EBCA_WEBHOOK_SECRET is unset
 
 State changes that race (cancel vs start, two deliveries of one job, two sweeps) run in WATCH/MULTI
 transactions on the job's hash; per-step progress is a Lua script that writes only for the lease holder.
