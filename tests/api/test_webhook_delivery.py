@@ -253,3 +253,18 @@ def test_sign_matches_the_sdks_verification() -> None:
     assert verify(b"{}", headers, secret) == {}
     with pytest.raises(ValueError, match="bad signature"):
         verify(b"{ }", headers, secret)
+
+
+def test_two_replicas_never_claim_the_same_delivery(hook_settings: Settings) -> None:
+    store = JobStore.from_settings(hook_settings)
+    for _ in range(3):
+        finished_job(store, "http://127.0.0.1:9/x")  # two deliveries each
+    first, second = Dispatcher(hook_settings, store), Dispatcher(hook_settings, store)
+    now, lease = time.time(), time.time() + 60
+
+    def claim(dispatcher: Dispatcher, count: int) -> list[str]:
+        return list(dispatcher._claim(keys=[dispatcher._due], args=[now, lease, count]))
+
+    a, b = claim(first, 4), claim(second, 4)
+    assert len(a) == 4 and len(b) == 2 and not set(a) & set(b)
+    assert claim(first, 4) == []  # all leased: due again only once the lease runs out
