@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from api.auth import KeyRing
 from api.service import JobService
+from api.webhooks import WebhookSecrets
 from ebca_common.settings import Settings
 from ebca_common.storage import Storage
 from ebca_common.store import JobStore
@@ -26,6 +28,9 @@ class Services:
     jobs: JobService
     registry: CollectorRegistry
     keyring: KeyRing
+    #: The asyncio Redis client of the event streams (GET /jobs/{id}/events).
+    aredis: aioredis.Redis
+    webhook_secrets: WebhookSecrets
 
 
 def services(request: Request) -> Services:

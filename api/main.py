@@ -22,8 +22,9 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import build_registry
 from api.openapi import build_openapi
-from api.routers import jobs, keys, page, service, submit
+from api.routers import events, jobs, keys, page, service, submit
 from api.service import JobService, Publisher
+from api.webhooks import Dispatcher, WebhookSecrets
 from ebca_common.queueing import CeleryPublisher
 from ebca_common.settings import Settings, get_settings
 from ebca_common.storage import Storage, storage_from_settings
@@ -37,9 +38,11 @@ def create_app(
     storage: Storage | None = None,
     publisher: Publisher | None = None,
     sweep: bool = False,
+    webhooks: bool | None = None,
 ) -> FastAPI:
     """The app; ``sweep`` runs crash recovery in this process while it serves (ebca_common/sweep.py:
-    the served app does, in-process test apps do not)."""
+    the served app does, in-process test apps do not); ``webhooks`` (default: as ``sweep``) runs the
+    webhook dispatcher (api/webhooks.py)."""
     settings = settings or get_settings()
     store = store or JobStore.from_settings(settings)
     storage = storage or storage_from_settings(settings)
@@ -47,22 +50,28 @@ def create_app(
     registry, http_requests = build_registry(store)
     keyring = KeyRing(settings, store)
     sweeper = Sweeper(settings, publisher, store) if sweep else None  # type: ignore[arg-type]
+    dispatcher = Dispatcher(settings, store) if (sweep if webhooks is None else webhooks) else None
+    aredis = events.async_redis(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         startup_warnings(settings, keyring)
-        if sweeper is not None:
-            sweeper.start()
+        for part in (sweeper, dispatcher):
+            if part is not None:
+                part.start()
         yield
-        if sweeper is not None:
-            sweeper.stop()
+        for part in (sweeper, dispatcher):
+            if part is not None:
+                part.stop()
+        await aredis.aclose()
 
     app = FastAPI(
         lifespan=lifespan,
         title="EBCA Serve",
         version="0.1.0",
         description="Text-to-image generation and editing with energy-based cross-attention. "
-        "Jobs are queued and run by GPU workers; poll GET /jobs/{id}.",
+        "Jobs are queued and run by GPU workers; follow GET /jobs/{id}/events, poll GET /jobs/{id} "
+        "or give a webhook.",
     )
     app.state.services = Services(
         settings=settings,
@@ -71,6 +80,8 @@ def create_app(
         jobs=JobService(settings, store, storage, publisher),
         registry=registry,
         keyring=keyring,
+        aredis=aredis,
+        webhook_secrets=WebhookSecrets(settings, store.r),
     )
     # The adapters' routes answer errors in their clients' shapes (docs/COMPAT.md).
     install_error_handlers(app, settings, {"/v1/": openai.render_error, "/sdapi/": a1111.render_error})
@@ -102,7 +113,7 @@ def create_app(
     app.include_router(page.router)  # the web page: public, it calls the API with the user's key
     app.mount("/static", page.static_files, name="static")
     # Everything else needs a key (routes that use the caller declare it too; FastAPI runs it once).
-    for router in (submit.router, jobs.router, keys.router, service.router):
+    for router in (submit.router, jobs.router, events.router, keys.router, service.router):
         app.include_router(router, dependencies=[Depends(current_caller)])
     # The drop-in adapters (api/compat/): the OpenAI Images API and the AUTOMATIC1111 API, each router
     # with its key dependency; the signed image URLs of the OpenAI adapter carry their own proof.

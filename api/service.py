@@ -18,7 +18,7 @@ from PIL import Image
 from api.quotas import Quotas
 from ebca_common.errors import ObjectNotFound, Unavailable, ValidationFailed
 from ebca_common.images import check_image_size, check_mask, decode_image
-from ebca_common.jobs import Job, JobStatus
+from ebca_common.jobs import Job, JobStatus, WebhookSpec
 from ebca_common.keys import Caller
 from ebca_common.refs import resolve_ref
 from ebca_common.settings import Settings
@@ -106,12 +106,17 @@ class JobService:
         plan: dict[str, Any] | None = None,
         inputs: dict[str, str] | None = None,
         before_publish: Callable[[], None] | None = None,
+        webhook: WebhookSpec | None = None,
     ) -> Submission:
         """Take the caller's quota, create the job, run ``before_publish`` (store its uploads), then
         queue it. If any step after the quota fails, what was taken is given back and the job removed
         again: a client never sees a job that cannot run, and a refused request changes nothing
         (Redis down: nothing at all)."""
         idempotency = (idempotency_key, fp) if idempotency_key else None
+        # The webhook is the job's, not the request's: the stored request (and each image's settings)
+        # reproduces images and must not re-notify anyone when replayed.
+        request.pop("webhook", None)
+        request.pop("webhook_events", None)
         request["timeout_seconds"] = self._timeout(request.get("timeout_seconds"))
         reservation = self.quotas.reserve(caller, job_id, images)
         try:
@@ -126,6 +131,7 @@ class JobService:
                 idempotency=idempotency,
                 timeout_seconds=request["timeout_seconds"],
                 owner=caller.owner,
+                webhook=webhook,
             )
         except Exception:
             self.quotas.release(reservation)
@@ -181,6 +187,7 @@ class JobService:
             job_id=uuid.uuid4().hex,
             idempotency_key=idempotency_key,
             fp=fp,
+            webhook=request.webhook_spec(),
         )
 
     # -- POST /edit ------------------------------------------------------------------------------------
@@ -226,6 +233,7 @@ class JobService:
             fp=fp,
             inputs={name: key for name, (key, _fmt) in inputs.items()},
             before_publish=lambda: self._store_inputs(inputs, uploads),
+            webhook=request.webhook_spec(),
         )
 
     def _input_image(
@@ -313,4 +321,5 @@ class JobService:
             idempotency_key=idempotency_key,
             fp=fp,
             plan=plan.model_dump(mode="json"),
+            webhook=request.webhook_spec(),
         )

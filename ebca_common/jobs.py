@@ -36,6 +36,10 @@ EditMode = Literal["inpaint", "real", "synthetic"]
 JobErrorCode = Literal[
     "model_not_found", "out_of_memory", "invalid_input", "worker_lost", "timeout", "internal_error"
 ]
+#: What a webhook may be told (docs/API.md, "Webhooks"): the job started running (each attempt),
+#: made progress (at most once a second), or reached its final status.
+WebhookEvent = Literal["start", "progress", "completed"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "progress", "completed")
 
 
 def iso_utc(timestamp: float) -> str:
@@ -85,6 +89,27 @@ class JobError(BaseModel):
     field: str | None = Field(None, description="The request field at fault (invalid_input), if one is.")
 
 
+class WebhookSpec(BaseModel):
+    """Where a job's webhook deliveries go and which events it asked for (validated by the request
+    models, ebca_common/specs.py)."""
+
+    url: str = Field(..., description="The receiver's URL.")
+    events: list[WebhookEvent] = Field(..., description="The events delivered: start, progress, completed.")
+
+
+class WebhookDeliveries(BaseModel):
+    delivered: int = Field(0, description="Deliveries the receiver accepted (a 2xx answer).")
+    pending: int = Field(0, description="Deliveries queued or being retried.")
+    failed: int = Field(0, description="Deliveries given up after EBCA_WEBHOOK_RETRY_SECONDS of retries.")
+    last_error: str | None = Field(None, description="Why the latest failed attempt failed.")
+
+
+class WebhookState(WebhookSpec):
+    """A job's webhook and how its deliveries went (GET /jobs/{id})."""
+
+    deliveries: WebhookDeliveries = Field(..., description="Delivery counts.")
+
+
 class Job(BaseModel):
     """The public view of a job."""
 
@@ -107,6 +132,7 @@ class Job(BaseModel):
     request: dict[str, Any] = Field(..., description="The validated request, defaults filled in.")
     result: JobResult | None = Field(None, description="The images, once succeeded.")
     error: JobError | None = Field(None, description="Why it failed, once failed.")
+    webhook: WebhookState | None = Field(None, description="The request's webhook and its deliveries.")
 
 
 class JobRecord(BaseModel):
@@ -146,6 +172,13 @@ class JobRecord(BaseModel):
     lease: str | None = None
     #: created_at + the request's timeout_seconds (ISO 8601 UTC); None for records made before deadlines.
     deadline_at: str | None = None
+    #: The request's webhook (taken out of ``request``: it is no part of what reproduces an image).
+    webhook: WebhookSpec | None = None
+    # Delivery counters: plain JSON integers, so the dispatcher bumps them with HINCRBY.
+    webhook_delivered: int = 0
+    webhook_pending: int = 0
+    webhook_failed: int = 0
+    webhook_last_error: str | None = None
 
     @property
     def owner_id(self) -> str:
@@ -183,4 +216,44 @@ class JobRecord(BaseModel):
             request=self.request,
             result=self.result,
             error=self.error,
+            webhook=self._webhook_state(),
         )
+
+    def _webhook_state(self) -> WebhookState | None:
+        if self.webhook is None:
+            return None
+        counts = WebhookDeliveries(
+            delivered=self.webhook_delivered,
+            pending=self.webhook_pending,
+            failed=self.webhook_failed,
+            last_error=self.webhook_last_error,
+        )
+        return WebhookState(url=self.webhook.url, events=self.webhook.events, deliveries=counts)
+
+    def event_data(self, at: float) -> dict[str, Any]:
+        """The payload of a live event (and a webhook's ``data``) for this record as it is now
+        (docs/API.md, "Live events"); the reader adds ``queue_position`` for a queued job."""
+        return event_data(self.id, self.status, self.progress, self.result, self.error, at)
+
+
+def event_data(
+    job_id: str,
+    status: JobStatus,
+    progress: Progress,
+    result: JobResult | None,
+    error: JobError | None,
+    at: float,
+) -> dict[str, Any]:
+    """One job event's JSON: ``{job_id, status, at, progress, result?, error?}`` (the one shape)."""
+    # model_validate: callers may pass the plain dicts the store's writers accept.
+    data: dict[str, Any] = {
+        "job_id": job_id,
+        "status": JobStatus(status).value,
+        "at": iso_utc(at),
+        "progress": Progress.model_validate(progress).model_dump(mode="json"),
+    }
+    if result is not None:
+        data["result"] = JobResult.model_validate(result).model_dump(mode="json")
+    if error is not None:
+        data["error"] = JobError.model_validate(error).model_dump(mode="json")
+    return data

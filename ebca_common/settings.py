@@ -144,6 +144,37 @@ class Settings(BaseSettings):
     )
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=60, description="Idempotency keys expire after.")
 
+    events_keepalive_seconds: float = Field(
+        15.0, gt=0, description="GET /jobs/{id}/events sends a keep-alive comment after this long idle."
+    )
+    events_maxlen: int = Field(
+        500, ge=10, description="Events kept per job (older ones are trimmed; a resume past them restarts)."
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="Service secret the per-key webhook secrets derive from; unset: one is made at random "
+        "and kept in Redis (shared by every api replica).",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs over http and to loopback or private addresses (tests, a private "
+        "network); off: https to public hosts only.",
+    )
+    webhook_retry_seconds: float = Field(
+        3600.0, gt=0, description="How long a failing webhook delivery is retried before it counts failed."
+    )
+    webhook_backoff_seconds: float = Field(
+        5.0, gt=0, description="First retry delay of a failed delivery; it doubles per attempt (max 10 min)."
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a receiver has to answer one delivery."
+    )
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _no_secret(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("models", mode="before")
     @classmethod
     def _parse_models(cls, value: object) -> object:

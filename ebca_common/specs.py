@@ -9,16 +9,19 @@ CACAO normaliser, the values of the energy schedule) are checked by :func:`check
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Annotated, Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from ebca_common import params
 from ebca_common.errors import ValidationFailed
+from ebca_common.jobs import WEBHOOK_EVENTS, WebhookEvent, WebhookSpec
 from ebca_common.params import REST_LIMITS, Direction, Limits, ParameterError, ScheduleKind, Scheduler
 from ebca_common.settings import Settings
 
@@ -143,6 +146,58 @@ def _timeout_field() -> Any:
     )
 
 
+#: Longest webhook URL (receivers' URLs carry a path and maybe a token; more is a mistake).
+MAX_WEBHOOK_URL = 2000
+
+
+def _webhook_url(value: str) -> str:
+    """The shape of a webhook URL: http(s), a host, no user info. Whether http and private hosts are
+    allowed depends on EBCA_WEBHOOK_ALLOW_PRIVATE (:func:`check_webhook`)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an https URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user name or password (put a token in the path or query)")
+    if not value.isascii() or any(c.isspace() for c in value):
+        raise ValueError("must be ASCII without white space (percent-encode the rest)")
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return value
+
+
+WebhookUrl = Annotated[str, Field(max_length=MAX_WEBHOOK_URL), AfterValidator(_webhook_url)]
+
+
+def _webhook_fields() -> tuple[Any, Any]:
+    url = Field(
+        None,
+        description="Deliver this job's events to this https URL, signed (docs/API.md, Webhooks).",
+    )
+    events = Field(
+        None,
+        min_length=1,
+        description="Which events to deliver: start, progress, completed; null = all three.",
+    )
+    return url, events
+
+
+_WEBHOOK, _WEBHOOK_EVENTS = _webhook_fields()
+
+
+class _Webhooked(_Strict):
+    webhook: WebhookUrl | None = _WEBHOOK
+    webhook_events: list[WebhookEvent] | None = _WEBHOOK_EVENTS
+
+    def webhook_spec(self) -> WebhookSpec | None:
+        """The webhook as the job keeps it (events deduplicated, in the contract's order)."""
+        if self.webhook is None:
+            return None
+        chosen = set(self.webhook_events or WEBHOOK_EVENTS)
+        return WebhookSpec(url=self.webhook, events=[e for e in WEBHOOK_EVENTS if e in chosen])
+
+
 def _size_field(name: str) -> Any:
     return Field(
         None,
@@ -153,7 +208,7 @@ def _size_field(name: str) -> Any:
     )
 
 
-class _Common(_Strict):
+class _Common(_Webhooked):
     model: str | None = Field(None, max_length=200, description="Model id from GET /models; null = default.")
     steps: int | None = Field(
         None,
@@ -212,7 +267,7 @@ class RealEditRequest(_Common):
     inversion: InversionSpec = Field(default_factory=InversionSpec, description="DDIM inversion options.")
 
 
-class SyntheticEditRequest(_Strict):
+class SyntheticEditRequest(_Webhooked):
     """POST /edit with mode=synthetic: re-run a finished generate job with editorial prompts."""
 
     mode: Literal["synthetic"] = Field(..., description="synthetic: re-run a generate job with edits.")
@@ -442,9 +497,44 @@ def check_energy_schedule(energy: EnergySpec | None, steps: int | None, schedule
         raise _refused(exc) from None
 
 
+def private_host(host: str) -> bool:
+    """Whether a host name or address is loopback, private, link-local or otherwise not public (for
+    a name: only what it says itself, ``localhost``; the dispatcher checks what it resolves to)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return not address.is_global
+
+
+def check_webhook(request: BaseModel, settings: Settings) -> None:
+    """A webhook must be https to a public host unless EBCA_WEBHOOK_ALLOW_PRIVATE; webhook_events
+    needs a webhook."""
+    url = getattr(request, "webhook", None)
+    if url is None:
+        if getattr(request, "webhook_events", None) is not None:
+            raise ValidationFailed("webhook_events: given without a webhook", field="webhook_events")
+        return
+    if settings.webhook_allow_private:
+        return
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise ValidationFailed("webhook: must be an https URL (EBCA_WEBHOOK_ALLOW_PRIVATE is off)",
+                               field="webhook")  # fmt: skip
+    if private_host(parts.hostname or ""):
+        raise ValidationFailed(
+            f"webhook: {parts.hostname} is a loopback or private address (EBCA_WEBHOOK_ALLOW_PRIVATE is off)",
+            field="webhook",
+        )
+
+
 def check_limits(request: BaseModel, settings: Settings) -> None:
     """The rules that depend on configuration or on more than one field; raise ValidationFailed."""
     limits = service_limits(settings)
+    check_webhook(request, settings)
     timeout = getattr(request, "timeout_seconds", None)
     if timeout is not None and timeout > settings.max_job_seconds:
         raise ValidationFailed(

@@ -18,6 +18,13 @@ Layout (``{p}`` = EBCA_KEY_PREFIX):
 - ``{p}:stats``        hash status -> number of jobs that reached it (Prometheus counters)
 - ``{p}:hist:{name}``  hash of histogram buckets, sum and count (job and step durations)
 - ``{p}:models``       hash model id -> JSON defaults, published by the workers that serve it
+- ``{p}:events:{id}``  stream of the job's live events (fields ``status``, ``data`` JSON; the entry id
+                        is the SSE id), appended in the transaction of each state change, capped at
+                        EBCA_EVENTS_MAXLEN and expiring with the finished record
+- ``{p}:webhooks:msgs`` hash webhook-id -> pending delivery (job id, fixed body, created, attempts)
+- ``{p}:webhooks:due``  sorted set webhook-id -> when the delivery is next due (api/webhooks.py)
+- ``{p}:webhooks:throttle:{id}`` present for a second after a progress delivery of the job was queued
+- ``{p}:webhooks:secret`` the service secret of webhook signatures when EBCA_WEBHOOK_SECRET is unset
 
 State changes that race (cancel vs start, two deliveries of one job, two sweeps) run in WATCH/MULTI
 transactions on the job's hash; per-step progress is a Lua script that writes only for the lease holder.
@@ -41,7 +48,17 @@ import redis
 from redis.exceptions import WatchError
 
 from ebca_common.errors import Conflict, IdempotencyConflict, NotFound, RateLimited
-from ebca_common.jobs import Job, JobError, JobRecord, JobResult, JobStatus, Progress, iso_utc
+from ebca_common.jobs import (
+    Job,
+    JobError,
+    JobRecord,
+    JobResult,
+    JobStatus,
+    Progress,
+    WebhookSpec,
+    event_data,
+    iso_utc,
+)
 from ebca_common.keys import ANONYMOUS
 from ebca_common.settings import Settings
 from ebca_common.store_base import HISTOGRAM_BUCKETS, StoreBase, redis_errors
@@ -67,15 +84,48 @@ StepVerdict = Literal["run", "cancel", "lost"]
 #: follows the cursor).
 LIST_SCAN_LIMIT = 1000
 
-#: Progress of a running job, written only while the caller holds its lease (one round trip per step).
-#: KEYS[1] the job hash; ARGV: encoded "running", encoded lease, encoded progress, encoded true.
+#: Progress of a running job, written only while the caller holds its lease (one round trip per step),
+#: with its live event: at most one per EVENT_INTERVAL_MS, except the first of a stage and the last step
+#: (compared with the previous event's stream id, which is Redis time), and with a progress webhook
+#: delivery at most once per WEBHOOK_PROGRESS_MS when the job asked for those.
+#: KEYS: the job hash, its event stream, its webhook throttle key, the delivery hash, the due set.
+#: ARGV: encoded "running", encoded lease, encoded progress, encoded true, event data, stage, step,
+#: total, events maxlen, delivery id, delivery, now (unix seconds).
 _PROGRESS_SCRIPT = """
-local v = redis.call('HMGET', KEYS[1], 'status', 'lease', 'cancel_requested')
+local v = redis.call('HMGET', KEYS[1], 'status', 'lease', 'cancel_requested', 'progress', 'webhook')
 if v[1] ~= ARGV[1] or v[2] ~= ARGV[2] then return 'lost' end
 redis.call('HSET', KEYS[1], 'progress', ARGV[3])
+local emit = true
+if v[4] and tonumber(ARGV[7]) < tonumber(ARGV[8]) and cjson.decode(v[4]).stage == ARGV[6] then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  if last then
+    local t = redis.call('TIME')
+    local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if now_ms - tonumber(string.match(last[1], '^(%d+)')) < EVENT_INTERVAL_MS then emit = false end
+  end
+end
+if emit then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'status', 'running', 'data', ARGV[5])
+  if v[5] and v[5] ~= 'null' then
+    for _, name in ipairs(cjson.decode(v[5]).events) do
+      if name == 'progress' and redis.call('SET', KEYS[3], '1', 'NX', 'PX', WEBHOOK_PROGRESS_MS) then
+        redis.call('HSET', KEYS[4], ARGV[10], ARGV[11])
+        redis.call('ZADD', KEYS[5], ARGV[12], ARGV[10])
+        redis.call('HINCRBY', KEYS[1], 'webhook_pending', 1)
+      end
+    end
+  end
+end
 if v[3] == ARGV[4] then return 'cancel' end
 return 'run'
 """
+#: Live progress events per job: at most 4 a second (SSE clients render them; more is noise).
+EVENT_INTERVAL_MS = 250
+#: Progress webhook deliveries per job: at most one a second (each is an HTTP request to the receiver).
+WEBHOOK_PROGRESS_MS = 1000
+_PROGRESS_SCRIPT = _PROGRESS_SCRIPT.replace("EVENT_INTERVAL_MS", str(EVENT_INTERVAL_MS)).replace(
+    "WEBHOOK_PROGRESS_MS", str(WEBHOOK_PROGRESS_MS)
+)
 
 
 @dataclass
@@ -193,6 +243,7 @@ class JobStore(LeaseRules):
         idempotency: tuple[str, str] | None = None,
         timeout_seconds: int | None = None,
         owner: str = ANONYMOUS,
+        webhook: WebhookSpec | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job owned by the API key ``owner``; return (job, created). ``idempotency``
         is (key, body fingerprint), scoped to ``owner``; ``timeout_seconds`` sets ``deadline_at``.
@@ -233,6 +284,7 @@ class JobStore(LeaseRules):
                         plan=plan,
                         inputs=inputs or {},
                         owner=owner,
+                        webhook=webhook,
                     )
                     pipe.multi()
                     if idem_key:
@@ -252,6 +304,7 @@ class JobStore(LeaseRules):
                     if deadline is not None:
                         pipe.zadd(self.k("deadlines"), {job_id: deadline})
                     pipe.hincrby(self.k("stats"), JobStatus.QUEUED.value, 1)
+                    self._emit(pipe, record, JobStatus.QUEUED, record.progress)
                     pipe.execute()
                     return self.view(record), True
                 except WatchError:
@@ -285,7 +338,7 @@ class JobStore(LeaseRules):
     def discard(self, job_id: str, idempotency_key: str | None = None, owner: str = ANONYMOUS) -> None:
         """Remove a job that was never handed to the queue (the broker refused it)."""
         with redis_errors(), self.r.pipeline() as pipe:
-            pipe.delete(self.job_key(job_id))
+            pipe.delete(self.job_key(job_id), self.events_key(job_id))
             self._unindex(pipe, job_id, owner)
             pipe.zrem(self.k("jobs"), f"{owner}/{job_id}")
             pipe.zrem(self.k("owned", owner), job_id)
@@ -357,6 +410,7 @@ class JobStore(LeaseRules):
 
             def write(pipe: Any) -> None:
                 pipe.hset(self.job_key(job_id), mapping=self._encode(started))
+                self._emit(pipe, record, JobStatus.RUNNING, started["progress"], hook="start")
                 pipe.zrem(self.k("queue"), job_id)
                 pipe.zrem(self.k("published"), job_id)
                 pipe.sadd(self.k("running"), job_id)
@@ -387,8 +441,16 @@ class JobStore(LeaseRules):
         encoded = self._encode(
             {"status": JobStatus.RUNNING, "lease": lease, "progress": progress, "cancel_requested": True}
         )
-        args = [encoded["status"], encoded["lease"], encoded["progress"], encoded["cancel_requested"]]
-        return self._progress_script(keys=[self.job_key(job_id)], args=args)  # type: ignore[no-any-return]
+        now = time.time()
+        data = event_data(job_id, JobStatus.RUNNING, progress, None, None, now)
+        # Built on every call, kept only when the script decides a delivery is due (it knows the hook).
+        msg_id, msg = self.webhook_message(job_id, "progress", data, now)
+        keys = [self.job_key(job_id), self.events_key(job_id), self.k("webhooks", "throttle", job_id),
+                self.k("webhooks", "msgs"), self.k("webhooks", "due")]  # fmt: skip
+        args = [encoded["status"], encoded["lease"], encoded["progress"], encoded["cancel_requested"],
+                json.dumps(data), stage, step, total, self.settings.events_maxlen, msg_id, msg,
+                now]  # fmt: skip
+        return self._progress_script(keys=keys, args=args)  # type: ignore[no-any-return]
 
     def _held_by(self, lease: str, record: JobRecord | None) -> bool:
         return record is not None and record.status == JobStatus.RUNNING and record.lease == lease

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Self
@@ -17,7 +18,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from ebca_common.errors import NotFound, Unavailable
-from ebca_common.jobs import JobError, JobRecord, JobResult, JobStatus, Progress, iso_utc
+from ebca_common.jobs import (
+    JobError,
+    JobRecord,
+    JobResult,
+    JobStatus,
+    Progress,
+    WebhookEvent,
+    event_data,
+    iso_utc,
+)
 from ebca_common.settings import Settings
 
 #: Histogram buckets in seconds (jobs take seconds to minutes; steps take milliseconds to seconds).
@@ -70,6 +80,43 @@ class StoreBase:
     def job_key(self, job_id: str) -> str:
         return self.k("job", job_id)
 
+    def events_key(self, job_id: str) -> str:
+        """The job's live events: a Redis stream whose entry ids are the SSE event ids."""
+        return self.k("events", job_id)
+
+    # -- events and webhook deliveries (queued inside the transaction that changes the record) ---------
+    def _emit(
+        self,
+        pipe: Any,
+        record: JobRecord,
+        status: JobStatus,
+        progress: Progress,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        hook: WebhookEvent | None = None,
+    ) -> None:
+        """Append the event of ``record``'s new state to its stream and queue the webhook delivery
+        ``hook`` if the job asked for it. Called inside the MULTI that writes the state, so an event is
+        never lost, never out of order with the record, and never told of a change that did not happen."""
+        now = time.time()
+        data = event_data(record.id, status, progress, result, error, now)
+        pipe.xadd(self.events_key(record.id), {"status": status.value, "data": json.dumps(data)},
+                  maxlen=self.settings.events_maxlen, approximate=True)  # fmt: skip
+        if hook is not None and record.webhook is not None and hook in record.webhook.events:
+            msg_id, msg = self.webhook_message(record.id, hook, data, now)
+            pipe.hset(self.k("webhooks", "msgs"), msg_id, msg)
+            pipe.zadd(self.k("webhooks", "due"), {msg_id: now})
+            pipe.hincrby(self.job_key(record.id), "webhook_pending", 1)
+
+    @staticmethod
+    def webhook_message(job_id: str, hook: WebhookEvent, data: dict[str, Any], now: float) -> tuple[str, str]:
+        """A pending delivery: its webhook-id (the same on every retry) and what the dispatcher keeps
+        of it (the body is fixed now, so every retry sends the same bytes)."""
+        msg_id = "msg_" + uuid.uuid4().hex
+        body = json.dumps({"type": hook, "timestamp": iso_utc(now), "data": data}, separators=(",", ":"))
+        return msg_id, json.dumps({"job_id": job_id, "body": body, "created": now, "attempts": 0})
+
     # -- encoding ----------------------------------------------------------------------------------
     @staticmethod
     def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -81,8 +128,11 @@ class StoreBase:
         return encoded
 
     @staticmethod
-    def _decode(raw: Mapping[str, str]) -> JobRecord:
+    def decode(raw: Mapping[str, str]) -> JobRecord:
+        """The record of a job hash as read (HGETALL), e.g. by another Redis client."""
         return JobRecord.model_validate({name: json.loads(value) for name, value in raw.items()})
+
+    _decode = decode
 
     @staticmethod
     def _decode_field(name: str, raw: str) -> Any:
@@ -160,7 +210,10 @@ class StoreBase:
         pipe.hset(key, mapping=self._encode(fields))
         self._unindex(pipe, record.id, record.owner_id)
         pipe.hincrby(self.k("stats"), status.value, 1)
+        self._emit(pipe, record, status, progress or record.progress, result=result, error=error,
+                   hook="completed")  # fmt: skip
         pipe.expire(key, self.settings.job_ttl_seconds)
+        pipe.expire(self.events_key(record.id), self.settings.job_ttl_seconds)
 
     def _requeue_fields(self, pipe: Any, record: JobRecord, now: float) -> None:
         """Queue the commands that put a started job back in line: at its old queue position (its
@@ -170,6 +223,7 @@ class StoreBase:
             "progress": Progress(stage="queued", total=record.progress.total),
         }
         pipe.hset(self.job_key(record.id), mapping=self._encode(queued))
+        self._emit(pipe, record, JobStatus.QUEUED, queued["progress"])
         pipe.srem(self.k("running"), record.id)
         pipe.zadd(self.k("queue"), {record.id: record.seq})
         pipe.zadd(self.k("published"), {record.id: now})

@@ -223,7 +223,8 @@ class JobRunner:
         pipe = self.cache.get(request.model)
         # Null sampler settings take the model's defaults; the record then shows the values used.
         request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
-        data = request.model_dump(mode="json")
+        # The webhook belongs to the job (its record), not to what reproduces an image.
+        data = request.model_dump(mode="json", exclude={"webhook", "webhook_events"})
         # Images are made one pipeline call each (num_images=1, seed + i): batched CPU/GPU kernels round
         # differently from single ones, so only this makes each image's settings reproduce it byte for
         # byte. The inversion of a real image is cached by ebca_core, so repeating the call is cheap.

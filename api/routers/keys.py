@@ -24,13 +24,17 @@ class CallerInfo(BaseModel):
     role: Role
     limits: Limits = Field(..., description="The limits in force (null: unlimited).")
     auth: Literal["required", "off"] = Field(..., description="Whether the service requires keys.")
+    webhook_secret: str = Field(
+        ..., description="The whsec_ secret that signs this key's webhook deliveries (docs/API.md, Webhooks)."
+    )
 
 
 @router.get("/me", response_model=CallerInfo, responses=ERRORS, summary="The calling key")
 def me(caller: CallerDep, services: ServicesDep) -> JSONResponse:
     """The calling key's id, name, role and limits (with EBCA_AUTH=off: the one trusted user)."""
+    secret = services.webhook_secrets.for_owner(caller.owner)
     info = CallerInfo(id=caller.id, name=caller.name, role=caller.role, limits=caller.limits,
-                      auth=services.settings.auth)  # fmt: skip
+                      auth=services.settings.auth, webhook_secret=secret)  # fmt: skip
     return JSONResponse(info.model_dump(mode="json"))
 
 

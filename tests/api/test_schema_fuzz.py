@@ -30,6 +30,7 @@ OPERATIONS = [
     "GET /jobs/{job_id}",
     "DELETE /jobs/{job_id}",
     "GET /jobs/{job_id}/images/{index}",
+    "GET /jobs/{job_id}/events",
     "GET /models",
     "GET /healthz",
     "GET /readyz",

@@ -10,11 +10,13 @@ same field (ebca_core may add the key below it: ``energy.token_weights.two words
 Not enumerated, and why: ``model`` selects the pipeline (no core argument); ``output_format`` is the
 worker's encoding; ``image_ref``/``mask_ref``/``source_job_id`` are references the api resolves;
 ``mode`` picks the model; ``timeout_seconds`` is the job's deadline, which the worker enforces around
-the pipeline call (ebca_core has no such argument). Values of the wrong JSON type (``"7"`` for a number)
-are a wire-format matter the strict request models refuse; the core's Python arguments are typed. Two
-differences are pinned in tests of their own: word token weights and token indices past the prompt
-depend on the model's tokenizer, which only the worker has; and an upload must also convert to grayscale
-for the api, because a stored upload may later serve as another job's mask.
+the pipeline call (ebca_core has no such argument); ``webhook`` and ``webhook_events`` belong to the
+job's record (the api's dispatcher delivers them; the worker never sees them). Values of the wrong
+JSON type (``"7"`` for a number) are a wire-format matter the strict request models refuse; the core's
+Python arguments are typed. Two differences are pinned in tests of their own: word token weights and
+token indices past the prompt depend on the model's tokenizer, which only the worker has; and an upload
+must also convert to grayscale for the api, because a stored upload may later serve as another job's
+mask.
 """
 
 from __future__ import annotations
@@ -319,7 +321,8 @@ def test_api_and_core_accept_and_refuse_the_same_values(pipe: EBCAPipeline) -> N
 def test_the_requests_fields_are_all_enumerated() -> None:
     """A new request field needs cases here (or a reason in the module docstring to have none)."""
     enumerated = {field.split(".")[0].split("[")[0] for field, _, _ in CASES}
-    not_core = {"model", "output_format", "image_ref", "mask_ref", "mode", "source_job_id", "timeout_seconds"}
+    not_core = {"model", "output_format", "image_ref", "mask_ref", "mode", "source_job_id", "timeout_seconds",
+                "webhook", "webhook_events"}  # fmt: skip
     for model in (GenerateRequest, InpaintRequest, RealEditRequest):
         assert set(model.model_fields) - not_core <= enumerated | {"image", "mask"}, model.__name__
 

@@ -355,6 +355,27 @@ def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str)
         s.shutdown()
 
 
+@pytest.fixture(scope="session")
+def events_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
+    """A deployment with one worker (so a second job waits in line) for live events and webhooks:
+    webhooks to loopback allowed, short keep-alives and retry backoff so the tests are quick."""
+    extra = {
+        "EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("events-storage")),
+        "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
+        "EBCA_WEBHOOK_ALLOW_PRIVATE": "true",
+        "EBCA_WEBHOOK_BACKOFF_SECONDS": "0.3",
+        "EBCA_WEBHOOK_TIMEOUT_SECONDS": "2",
+        "EBCA_EVENTS_KEEPALIVE_SECONDS": "1",
+    }
+    s = _make_stack("events", 3, extra, redis_port, logdir)
+    try:
+        s.start_api()
+        s.start_worker()
+        yield s
+    finally:
+        s.shutdown()
+
+
 @pytest.fixture(scope="module")
 def prefork_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
     """A deployment whose one worker runs the default prefork pool (jobs run in a child process)."""
