@@ -85,6 +85,14 @@ def create_app(
     )
     # The adapters' routes answer errors in their clients' shapes (docs/COMPAT.md).
     install_error_handlers(app, settings, {"/v1/": openai.render_error, "/sdapi/": a1111.render_error})
+    _add_middleware(app, settings, http_requests)
+    _include_routers(app)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, http_requests: Any) -> None:
+    """CORS (origins from EBCA_CORS_ORIGINS; none by default) and the request counter of /metrics."""
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -109,6 +117,8 @@ def create_app(
         http_requests.labels(request.method, path, str(response.status_code)).inc()
         return response
 
+
+def _include_routers(app: FastAPI) -> None:
     app.include_router(service.health)  # liveness and readiness: no key
     app.include_router(page.router)  # the web page: public, it calls the API with the user's key
     app.mount("/static", page.static_files, name="static")
@@ -119,8 +129,6 @@ def create_app(
     # with its key dependency; the signed image URLs of the OpenAI adapter carry their own proof.
     for router in (openai.router, openai.files, a1111.router):
         app.include_router(router)
-    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
-    return app
 
 
 app = create_app(sweep=True)

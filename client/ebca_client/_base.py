@@ -117,6 +117,8 @@ class BaseClient(Generic[_JobR]):
         output_format: str | None = None,
         energy: EnergyArg = None,
         edits: Sequence[EditArg] | EditArg | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> _JobR:
@@ -124,6 +126,8 @@ class BaseClient(Generic[_JobR]):
         fields to the body as given (one newer than this client)."""
         request = _core.request_model(
             GenerateRequest,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else list(webhook_events),
             prompt=prompt,
             negative_prompt=negative_prompt,
             model=model,
@@ -155,6 +159,8 @@ class BaseClient(Generic[_JobR]):
         seed: int | None = None,
         output_format: str | None = None,
         energy: EnergyArg = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> _JobR:
@@ -163,6 +169,8 @@ class BaseClient(Generic[_JobR]):
         mask_ref, mask_upload = _core.image_input("mask", mask)
         request = _core.request_model(
             InpaintRequest,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else list(webhook_events),
             prompt=prompt,
             negative_prompt=negative_prompt,
             image_ref=image_ref,
@@ -193,6 +201,8 @@ class BaseClient(Generic[_JobR]):
         output_format: str | None = None,
         energy: EnergyArg = None,
         inversion: InversionArg = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> _JobR:
@@ -200,6 +210,8 @@ class BaseClient(Generic[_JobR]):
         image_ref, image_upload = _core.image_input("image", image)
         request = _core.request_model(
             RealEditRequest,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else list(webhook_events),
             source_prompt=source_prompt,
             edits=edits,
             image_ref=image_ref,
@@ -220,12 +232,16 @@ class BaseClient(Generic[_JobR]):
         edits: Sequence[EditArg] | EditArg,
         *,
         output_format: str | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> _JobR:
         """Re-run a succeeded generate job (prompt, seed, settings) with editorial prompts."""
         request = _core.request_model(
             SyntheticEditRequest,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else list(webhook_events),
             source_job_id=_core.job_id_of(source_job),
             edits=edits,
             output_format=output_format,

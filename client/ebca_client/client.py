@@ -37,8 +37,8 @@ class Job(BaseJob["Job"]):
     def events(
         self, *, timeout: float | None = None, idle_timeout: float = STREAM_IDLE_TIMEOUT
     ) -> Iterator[JobEvent]:
-        """The job's live events, from its first one (the stream replays what already happened) to
-        its terminal one, after which the iteration ends; ``info`` follows each one. Raises
+        """The job's live events, from its state now (the first event) to its terminal one, after
+        which the iteration ends; ``info`` follows each one. Raises
         ``JobTimeout`` once ``timeout`` seconds have passed, ``EventsUnavailable`` when the server
         does not offer live events (``wait()`` then polls) and ``TransportError`` when the stream
         keeps failing. Reconnects resume with ``Last-Event-ID``."""

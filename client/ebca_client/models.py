@@ -109,6 +109,11 @@ def _edit_list(value: Any) -> Any:
 class _SubmitRequest(_Request):
     model_config = ConfigDict(strict=True)
 
+    #: Where the service POSTs signed notices of the job (docs/API.md, "Webhooks"), and which:
+    #: a subset of start, progress, completed (null: all three).
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+
     @field_validator("energy", "inversion", mode="before", check_fields=False)
     @classmethod
     def _mapping_as_dict(cls, value: Any) -> Any:

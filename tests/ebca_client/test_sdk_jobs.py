@@ -309,3 +309,13 @@ def test_record_fields_read_off_the_handle(api: FakeAPI, client: Client) -> None
     assert job.progress.total == 4 and job.request == {"prompt": "a cat"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = job.nope
+
+
+def test_webhook_fields_go_into_every_submit_body(api: FakeAPI, client: Client) -> None:
+    hook = {"webhook": "https://hooks.example/ebca", "webhook_events": ("completed",)}
+    source = client.generate("a cat", **hook)
+    client.edit_synthetic(source, ["snow"], **hook)
+    client.generate("a dog")  # left out: no webhook
+    bodies = [json.loads(r.content) for r in api.seen if r.method == "POST"]
+    assert [b.get("webhook") for b in bodies] == ["https://hooks.example/ebca"] * 2 + [None]
+    assert [b.get("webhook_events") for b in bodies] == [["completed"]] * 2 + [None]

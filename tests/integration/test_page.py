@@ -5,6 +5,7 @@ the page shows; screenshots of every step go to ``var/test-artifacts/page/``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,7 +138,8 @@ def test_compare_runs_the_same_seed_with_ebca_off_and_on(run: PageRun) -> None:
     titles = pair.locator(".job h3").all_inner_texts()
     assert titles == ["EBCA off · seed 3", "EBCA on · seed 3"]
     settings = pair.locator(".result pre").all_text_contents()  # inside closed <details>
-    assert '"energy"' not in settings[0] and '"gamma_attn": 0.01' in settings[1]
+    off, on = (json.loads(text) for text in settings)
+    assert off["energy"] is None and on["energy"]["gamma_attn"] == 0.01 and off["seed"] == on["seed"] == 3
     run.shot("compare")
     assert run.failed == []
 
