@@ -224,32 +224,28 @@ class JobRunner:
         # Null sampler settings take the model's defaults; the record then shows the values used.
         request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
         data = request.model_dump(mode="json")
-        # Images are made one pipeline call each (num_images=1, seed + i): batched CPU/GPU kernels round
-        # differently from single ones, so only this makes each image's settings reproduce it byte for
-        # byte. The inversion of a real image is cached by ebca_core, so repeating the call is cheap.
+        # All images of the job in one pipeline call: image i draws from its own generator seeded
+        # seed + i, so its settings reproduce it alone to float32 round-off (docs/API.md,
+        # "Reproducibility"); batched kernels round differently, which is why bytes may differ.
         base = request.seed if request.seed is not None else draw_seed(request.num_images)
         seeds = [base + i for i in range(request.num_images)]
-        total = request.steps * len(seeds)
+        total = request.steps
         self.store.resolve_request(job_id, data, total, field=mode.field)
         report = _Reporter(self.store, record, total, self.worker_id, self.stopping)
         report.stage("loading")
         method, arguments = mode.handler(self, request)
-        run = getattr(pipe, method)
-        made: list[Image.Image] = []
-        for index, seed in enumerate(seeds):
-            report.offset = index * request.steps
-            out = run(
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                energy=energy_config(request.energy),
-                num_images=1,
-                seed=seed,
-                output_type="pil",
-                callback=report.step,
-                on_stage=report.stage,
-                **arguments,
-            )
-            made.append(out.images[0])
+        out = getattr(pipe, method)(
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            energy=energy_config(request.energy),
+            num_images=len(seeds),
+            seed=base,
+            output_type="pil",
+            callback=report.step,
+            on_stage=report.stage,
+            **arguments,
+        )
+        made: list[Image.Image] = list(out.images)
         report.stage("uploading")
         return JobResult(images=self._store_images(job_id, made, seeds, data, mode.endpoint)), total
 
@@ -358,8 +354,6 @@ class _Reporter:
         self.worker_id = worker_id
         self.stopping = stopping
         self.done = 0
-        #: Steps of the images already made (images run one after another, see JobRunner._execute).
-        self.offset = 0
         self.current_stage = "loading"
         self._last = time.perf_counter()
         self._store_down = False
@@ -372,7 +366,7 @@ class _Reporter:
     def step(self, step: int, total: int, latents: Any = None) -> None:
         now = time.perf_counter()
         self._last, elapsed = now, now - self._last
-        self.done = self.offset + min(step, total)
+        self.done = min(step, total)
         self._report("denoising", elapsed)
 
     def _report(self, stage: str, step_seconds: float | None = None) -> None:
