@@ -17,33 +17,38 @@ from ebca_common.specs import EnergySpec, parse_generate
 from ebca_common.storage import LocalStorage
 from ebca_common.store import JobStore, StepVerdict
 from ebca_core import Schedule
+from worker import batch as batch_module
 from worker import pipelines
-from worker import runner as runner_module
 from worker.pipelines import PipelineCache
 from worker.runner import JobRunner, energy_config
 
 
 class SpyStore(JobStore):
-    """The real store, recording progress calls; optionally it cancels at a given step, sleeps at
-    every step or calls ``on_step(step)`` first."""
+    """The real store, recording progress calls; optionally it cancels a job (``cancel_job``, else the
+    first one reported) at a given step, sleeps at every step or calls ``on_step(step)`` first."""
 
     cancel_at: int | None = None
+    cancel_job: str | None = None
     step_delay: float = 0.0
     on_step: Callable[[int], None] | None = None
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.calls: list[tuple[str, int, int]] = []
+        self.job_calls: list[tuple[str, str, int]] = []  # (job id, stage, step)
 
-    def progress(self, job_id: str, lease: str, stage: str, step: int, total: int) -> StepVerdict:
-        self.calls.append((stage, step, total))
+    def progress_many(self, lease: str, entries: list[tuple[str, str, int, int]]) -> list[StepVerdict]:
+        stage, step = entries[0][1], entries[0][2]
+        for job_id, stage, step, total in entries:
+            self.calls.append((stage, step, total))
+            self.job_calls.append((job_id, stage, step))
         if stage == "denoising":
             time.sleep(self.step_delay)
             if self.on_step is not None:
                 self.on_step(step)
         if self.cancel_at is not None and stage == "denoising" and step == self.cancel_at:
-            self.cancel(job_id)
-        return super().progress(job_id, lease, stage, step, total)
+            self.cancel(self.cancel_job or entries[0][0])
+        return super().progress_many(lease, entries)
 
 
 @pytest.fixture
@@ -199,20 +204,20 @@ def test_a_store_outage_mid_job_does_not_stop_it(
 ) -> None:
     """A Redis restart while a job runs: the steps meanwhile go unrecorded, the job carries on, and its
     end is recorded once the store answers again (no attempt is spent on it)."""
-    real_progress, real_finish = store.progress, store.finish
+    real_progress, real_finish = store.progress_many, store.finish
     finish_failures = iter([True, True])
 
-    def flaky_progress(job_id: str, lease: str, stage: str, step: int, total: int) -> StepVerdict:
-        if stage == "denoising" and step in (1, 2):
+    def flaky_progress(lease: str, entries: list[tuple[str, str, int, int]]) -> list[StepVerdict]:
+        if entries[0][1] == "denoising" and entries[0][2] in (1, 2):
             raise RedisConnectionError("connection reset")
-        return real_progress(job_id, lease, stage, step, total)
+        return real_progress(lease, entries)
 
     def flaky_finish(*args: Any, **kwargs: Any) -> bool:
         if next(finish_failures, False):
             raise RedisConnectionError("connection refused")
         return real_finish(*args, **kwargs)
 
-    store.progress = flaky_progress  # type: ignore[method-assign]
+    store.progress_many = flaky_progress  # type: ignore[method-assign]
     store.finish = flaky_finish  # type: ignore[method-assign]
     job_id = submit(store, settings)
     assert runner.run(job_id) == "succeeded"
@@ -234,7 +239,7 @@ def test_a_job_past_its_deadline_stops_at_the_next_step(
         def time(cls) -> float:
             return time.time() + cls.ahead
 
-    monkeypatch.setattr(runner_module, "time", Clock)
+    monkeypatch.setattr(batch_module, "time", Clock)
     job_id = submit(store, settings, steps=10, timeout_seconds=60)
     store.on_step = lambda step: setattr(Clock, "ahead", 61.0 if step >= 3 else 0.0)
     assert runner.run(job_id) == "timeout"
