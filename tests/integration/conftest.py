@@ -36,6 +36,9 @@ BASE_ENV = {
     "EBCA_HEARTBEAT_SECONDS": "0.5",
     "EBCA_HEARTBEAT_TTL": "4",
     "EBCA_MAX_ATTEMPTS": "2",
+    # One job per worker at a time: the suites count jobs per worker (two busy workers, a queued third
+    # job). Coalescing has its own stack with the default in tests/integration/test_batching.py.
+    "EBCA_MAX_BATCH": "1",
     "EBCA_MAX_UPLOAD_BYTES": "300000",
     "EBCA_MAX_JSON_BYTES": "20000",
     "EBCA_MAX_IMAGE_PIXELS": str(256 * 256),
@@ -272,7 +275,7 @@ def redis_port(logdir: Path) -> Iterator[int]:
     proc.stop()
 
 
-def _make_stack(name: str, db: int, extra: dict[str, str], redis_port: int, logdir: Path) -> Stack:
+def make_stack(name: str, db: int, extra: dict[str, str], redis_port: int, logdir: Path) -> Stack:
     url = f"redis://127.0.0.1:{redis_port}/{db}"
     env = {**os.environ, **BASE_ENV, "EBCA_REDIS_URL": url, **extra}
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -297,7 +300,7 @@ def stack(
         "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
         "EBCA_MODELS": json.dumps(models),
     }
-    s = _make_stack("main", 0, extra, redis_port, logdir)
+    s = make_stack("main", 0, extra, redis_port, logdir)
     try:
         s.start_api()
         first = s.start_worker(wait=False)
@@ -345,7 +348,7 @@ def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str)
         "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
         **creds,
     }
-    s = _make_stack("s3", 1, extra, redis_port, logdir)
+    s = make_stack("s3", 1, extra, redis_port, logdir)
     s.s3 = s3  # type: ignore[attr-defined]
     try:
         s.start_api()
@@ -360,7 +363,7 @@ def prefork_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_
     """A deployment whose one worker runs the default prefork pool (jobs run in a child process)."""
     extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("prefork-storage")),
              "EBCA_DEFAULT_MODEL": str(tiny_model_dir)}  # fmt: skip
-    s = _make_stack("prefork", 2, extra, redis_port, logdir)
+    s = make_stack("prefork", 2, extra, redis_port, logdir)
     try:
         s.start_api()
         s.start_worker(pool="prefork")
