@@ -134,9 +134,13 @@ class JobRunner:
         log.info("job %s: attempt %s on %s", job_id, lead.record.attempts, self.worker_id)
         jobs = [lead]
         try:
-            self._prepare(lead, check=self.max_batch > 1)
+            self._prepare(lead)
             jobs += self._claim_partners(lead)
-            self._execute(jobs)
+            if len(jobs) > 1:
+                # Checked now only when it has partners (a lone job pays nothing for batching): a lead
+                # that ebca_core refuses fails alone and its partners run without it.
+                self._check_alone(lead)
+            self._execute([job for job in jobs if job.active])
         except BatchOver:
             pass  # every job of the batch ended at a step (canceled, timed out, taken over)
         except HandBack:
@@ -176,6 +180,15 @@ class JobRunner:
     def drop(self, job: BatchJob, outcome: str) -> None:
         """Stop computing for a job without recording anything (it is no longer this worker's)."""
         job.outcome = outcome
+
+    def _check_alone(self, job: BatchJob) -> None:
+        """ebca_core's checks of a job about to join a batch; a job they refuse fails on its own."""
+        try:
+            self.cache.get(job.request.model).check_inputs("generate", **self._call_arguments(job))
+        except _STORE_DOWN:
+            raise
+        except Exception as exc:
+            self._fail([job], exc)
 
     def _fail(self, jobs: list[BatchJob], exc: Exception) -> None:
         code, message, field = self._classify(exc)
@@ -220,10 +233,8 @@ class JobRunner:
         return "internal_error", f"{type(exc).__name__}: {exc}", None
 
     # -- translation into ebca_core calls --------------------------------------------------------------
-    def _prepare(self, job: BatchJob, *, check: bool = False) -> None:
-        """The job's request as it runs (model defaults filled in, seeds drawn), recorded; with ``check``
-        a coalescable generate job is also checked by ebca_core now, so that a bad one fails alone
-        before a batch starts."""
+    def _prepare(self, job: BatchJob) -> None:
+        """The job's request as it runs (model defaults filled in, seeds drawn), recorded."""
         record = job.record
         job.mode = mode = MODES.get(_mode_of(record))  # type: ignore[assignment]
         if mode is None:
@@ -242,8 +253,6 @@ class JobRunner:
         job.seeds = [base + i for i in range(request.num_images)]
         self.store.resolve_request(record.id, job.data, job.total, field=mode.field)
         job.method, job.arguments = mode.handler(self, request)
-        if check and job.batch_key() is not None:
-            pipe.check_inputs("generate", **self._call_arguments(job))
 
     @staticmethod
     def _call_arguments(job: BatchJob) -> dict[str, Any]:
@@ -292,11 +301,14 @@ class JobRunner:
                 continue
             job = BatchJob(begin.record)
             try:
-                self._prepare(job, check=True)
+                self._prepare(job)
             except _STORE_DOWN:
                 raise
             except Exception as exc:
                 self._fail([job], exc)
+            else:
+                self._check_alone(job)
+            if not job.active:  # failed alone, before the batch starts
                 self.holdings.discard(job.id)
                 continue
             partners.append(job)
@@ -318,6 +330,8 @@ class JobRunner:
 
     def _execute(self, jobs: list[BatchJob]) -> None:
         """Run the batch: one pipeline call for all images of all jobs, then each job's images."""
+        if not jobs:
+            return
         lead = jobs[0]
         pipe = self.cache.get(lead.request.model)
         report = BatchReporter(self, jobs)

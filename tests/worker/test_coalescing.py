@@ -146,6 +146,18 @@ def test_a_claimed_job_that_fails_validation_fails_alone(store: SpyStore, settin
     assert store.get(good).status == JobStatus.SUCCEEDED
 
 
+def test_a_lead_that_fails_validation_fails_alone_and_its_partners_run(
+    store: SpyStore, settings: Settings
+) -> None:
+    runner = make_runner(settings, store)
+    bad = submit(store, settings, energy={"gamma_attn": 0.1, "token_weights": {"zebra": 2}})
+    partners = [submit(store, settings, seed=s) for s in (8, 9)]
+    assert runner.run(bad) == "failed"
+    assert store.get(bad).error.code == "invalid_input"
+    assert [store.get(p).status for p in partners] == [JobStatus.SUCCEEDED] * 2
+    assert [store.get(p).attempts for p in partners] == [1, 1]
+
+
 def test_a_canceled_job_leaves_the_batch_the_others_go_on(store: SpyStore, settings: Settings) -> None:
     runner = make_runner(settings, store)
     lead = submit(store, settings, steps=8)
