@@ -275,7 +275,7 @@ def redis_port(logdir: Path) -> Iterator[int]:
     proc.stop()
 
 
-def make_stack(name: str, db: int, extra: dict[str, str], redis_port: int, logdir: Path) -> Stack:
+def _make_stack(name: str, db: int, extra: dict[str, str], redis_port: int, logdir: Path) -> Stack:
     url = f"redis://127.0.0.1:{redis_port}/{db}"
     env = {**os.environ, **BASE_ENV, "EBCA_REDIS_URL": url, **extra}
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -300,7 +300,7 @@ def stack(
         "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
         "EBCA_MODELS": json.dumps(models),
     }
-    s = make_stack("main", 0, extra, redis_port, logdir)
+    s = _make_stack("main", 0, extra, redis_port, logdir)
     try:
         s.start_api()
         first = s.start_worker(wait=False)
@@ -348,7 +348,7 @@ def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str)
         "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
         **creds,
     }
-    s = make_stack("s3", 1, extra, redis_port, logdir)
+    s = _make_stack("s3", 1, extra, redis_port, logdir)
     s.s3 = s3  # type: ignore[attr-defined]
     try:
         s.start_api()
@@ -363,10 +363,24 @@ def prefork_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_
     """A deployment whose one worker runs the default prefork pool (jobs run in a child process)."""
     extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("prefork-storage")),
              "EBCA_DEFAULT_MODEL": str(tiny_model_dir)}  # fmt: skip
-    s = make_stack("prefork", 2, extra, redis_port, logdir)
+    s = _make_stack("prefork", 2, extra, redis_port, logdir)
     try:
         s.start_api()
         s.start_worker(pool="prefork")
+        yield s
+    finally:
+        s.shutdown()
+
+
+@pytest.fixture(scope="module")
+def batching_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
+    """A deployment whose one solo worker coalesces (the default EBCA_MAX_BATCH, against BASE_ENV's 1)."""
+    extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("batching-storage")),
+             "EBCA_DEFAULT_MODEL": str(tiny_model_dir), "EBCA_MAX_BATCH": "8"}  # fmt: skip
+    s = _make_stack("batching", 5, extra, redis_port, logdir)
+    try:
+        s.start_api()
+        s.start_worker()
         yield s
     finally:
         s.shutdown()

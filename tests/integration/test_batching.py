@@ -8,15 +8,15 @@ import io
 import json
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from conftest import Stack, make_stack
 from PIL import Image
 from testkeys import TestKeys
+
+if TYPE_CHECKING:
+    from conftest import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -35,23 +35,6 @@ def jobs_to_batch(steps: int = STEPS) -> list[dict[str, Any]]:
         {"prompt": "a green circle", "seed": 13, "steps": steps, "num_images": 2,
          "energy": {"gamma_attn": 0.2, "schedule": {"kind": "exp", "tau": 0.5}}},
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def batching(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
-    storage = tmp_path_factory.mktemp("batching-storage")
-    extra = {
-        "EBCA_STORAGE_URL": str(storage),
-        "EBCA_DEFAULT_MODEL": str(tiny_model_dir),
-        "EBCA_MAX_BATCH": "8",  # the default, against BASE_ENV's 1
-    }
-    s = make_stack("batching", 5, extra, redis_port, logdir)
-    try:
-        s.start_api()
-        s.start_worker()
-        yield s
-    finally:
-        s.shutdown()
 
 
 def submit(stack: Stack, body: dict[str, Any]) -> str:
@@ -82,12 +65,22 @@ def one_batch(stack: Stack, jobs: list[dict[str, Any]]) -> bool:
     return len(leases) == 1 and started[-1][:19] == started[0][:19]
 
 
-def test_coalesced_jobs_each_succeed_with_their_own_settings(batching: Stack) -> None:
+def running_batch(stack: Stack) -> list[str]:
+    """Three long jobs queued behind a blocker, then running together (at step 3 or later)."""
+    blocker = submit(stack, BLOCKER)
+    stack.wait_job(blocker, lambda job: job["status"] == "running")
+    ids = [submit(stack, body) for body in jobs_to_batch(steps=150)]
+    running = [stack.wait_job(job_id, lambda j: j["progress"]["step"] >= 3, timeout=120) for job_id in ids]
+    assert one_batch(stack, running)
+    return ids
+
+
+def test_coalesced_jobs_each_succeed_with_their_own_settings(batching_stack: Stack) -> None:
     bodies = jobs_to_batch()
-    ids = behind_a_busy_worker(batching, bodies)
-    batched = [batching.wait_job(job_id) for job_id in ids]
+    ids = behind_a_busy_worker(batching_stack, bodies)
+    batched = [batching_stack.wait_job(job_id) for job_id in ids]
     assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in batched), batched
-    assert one_batch(batching, batched)
+    assert one_batch(batching_stack, batched)
     for body, job in zip(bodies, batched, strict=True):
         seeds = [image["seed"] for image in job["result"]["images"]]
         assert seeds == [body["seed"] + i for i in range(body.get("num_images", 1))]
@@ -98,51 +91,41 @@ def test_coalesced_jobs_each_succeed_with_their_own_settings(batching: Stack) ->
     # saved 8-bit channel by one level, never more; another job's prompt or energy leaking into a row
     # would change it by far more.
     for body, job in zip(bodies, batched, strict=True):
-        alone = batching.wait_job(submit(batching, body))
+        alone = batching_stack.wait_job(submit(batching_stack, body))
         assert alone["status"] == "succeeded"
         for mine, theirs in zip(job["result"]["images"], alone["result"]["images"], strict=True):
-            assert int(np.abs(pixels(batching, mine) - pixels(batching, theirs)).max()) <= 1
-    first, second = (pixels(batching, job["result"]["images"][0]) for job in batched[:2])
+            assert int(np.abs(pixels(batching_stack, mine) - pixels(batching_stack, theirs)).max()) <= 1
+    first, second = (pixels(batching_stack, job["result"]["images"][0]) for job in batched[:2])
     assert int(np.abs(first - second).max()) > 8, "different jobs, different images"
-    metrics = batching.get("/metrics", key=TestKeys.root).text
+    metrics = batching_stack.get("/metrics", key=TestKeys.root).text
     assert "ebca_batch_images_bucket" in metrics and "ebca_batch_images_per_second_count" in metrics
 
 
-def test_cancel_of_one_job_inside_a_batch(batching: Stack) -> None:
-    long = jobs_to_batch(steps=150)
-    blocker = submit(batching, BLOCKER)
-    batching.wait_job(blocker, lambda job: job["status"] == "running")
-    ids = [submit(batching, body) for body in long]
-    running = [batching.wait_job(job_id, lambda j: j["progress"]["step"] >= 3, timeout=120) for job_id in ids]
-    assert one_batch(batching, running)
+def test_cancel_of_one_job_inside_a_batch(batching_stack: Stack) -> None:
+    ids = running_batch(batching_stack)
     asked = time.monotonic()
-    assert batching.delete(f"/jobs/{ids[1]}", timeout=10).status_code == 202
-    canceled = batching.wait_job(ids[1], timeout=30)
+    assert batching_stack.delete(f"/jobs/{ids[1]}", timeout=10).status_code == 202
+    canceled = batching_stack.wait_job(ids[1], timeout=30)
     took = time.monotonic() - asked
-    others = [batching.job(ids[0]), batching.job(ids[2])]
+    others = [batching_stack.job(ids[0]), batching_stack.job(ids[2])]
     # Ended at the next step, while the rest of the batch still runs.
     assert canceled["status"] == "canceled" and canceled["result"] is None, canceled
     assert all(job["status"] == "running" for job in others), others
     print(f"\ncancel inside a batch -> canceled: {took:.2f} s")
     for job_id in (ids[0], ids[2]):
-        done = batching.wait_job(job_id, timeout=180)
+        done = batching_stack.wait_job(job_id, timeout=180)
         assert done["status"] == "succeeded" and done["progress"]["step"] == 150, done
-    assert batching.get(f"/jobs/{ids[1]}/images/0", timeout=10).status_code == 404
+    assert batching_stack.get(f"/jobs/{ids[1]}/images/0", timeout=10).status_code == 404
 
 
-def test_a_worker_killed_mid_batch_loses_no_job(batching: Stack) -> None:
-    long = jobs_to_batch(steps=150)
-    blocker = submit(batching, BLOCKER)
-    batching.wait_job(blocker, lambda job: job["status"] == "running")
-    ids = [submit(batching, body) for body in long]
-    running = [batching.wait_job(job_id, lambda j: j["progress"]["step"] >= 3, timeout=120) for job_id in ids]
-    assert one_batch(batching, running)
-    victim = batching.worker_of(ids[0])
+def test_a_worker_killed_mid_batch_loses_no_job(batching_stack: Stack) -> None:
+    ids = running_batch(batching_stack)
+    victim = batching_stack.worker_of(ids[0])
     victim.stop(signal.SIGKILL)
     assert not victim.alive()
-    batching.start_worker()
+    batching_stack.start_worker()
     # The sweep finds every claimed job's lease lapsed (the dead process listed them all in its
     # holdings) and puts each back in line; the new worker runs them again, as a batch again.
-    done = [batching.wait_job(job_id, timeout=240) for job_id in ids]
+    done = [batching_stack.wait_job(job_id, timeout=240) for job_id in ids]
     assert all(job["status"] == "succeeded" and job["attempts"] == 2 for job in done), done
-    assert batching.worker_of(ids[0]) is not victim
+    assert batching_stack.worker_of(ids[0]) is not victim
