@@ -43,6 +43,8 @@ class StoreCollector(Collector):
         descriptions = {
             "job_duration_seconds": "Wall time of finished jobs, from start on a worker to the end.",
             "step_duration_seconds": "Wall time of one denoising step.",
+            "batch_images": "Images denoised together in one batch (one job's, or coalesced jobs').",
+            "batch_images_per_second": "Images per second of each batch, from its start to its end.",
         }
         for name, (buckets, total) in histograms.items():
             yield HistogramMetricFamily(f"ebca_{name}", descriptions[name], buckets=buckets, sum_value=total)

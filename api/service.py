@@ -74,7 +74,7 @@ def fingerprint(endpoint: str, body: Any, uploads: dict[str, Upload] | None = No
 def _known_total(request: GenerateRequest | InpaintRequest | RealEditRequest) -> int:
     """Denoising steps of the whole job, 0 while unknown: null steps take the model's default, which
     the worker resolves when it starts the job (ebca_common.model_defaults)."""
-    return 0 if request.steps is None else request.steps * request.num_images
+    return 0 if request.steps is None else request.steps
 
 
 class JobService:

@@ -9,6 +9,10 @@ of the medians is printed and written to ``results/bench_overhead.json``.
 
     .venv/bin/python benchmarks/bench_overhead.py                      # CPU, 128x128, 5 steps
     .venv/bin/python benchmarks/bench_overhead.py --device cuda --dtype float16 --size 512 --steps 20
+    .venv/bin/python benchmarks/bench_overhead.py --batch 8 --out results/bench_overhead_batch8.json
+
+``--batch N`` runs N images per call on both sides (the batches the service makes, issue 13): EBCA's
+per-row work then runs on N rows at once, like the stock attention.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=128, help="image height and width in pixels")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (both sides)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (after one warm-up each)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -134,7 +139,8 @@ def main() -> None:
     )
     plain.set_progress_bar_config(disable=True)
     latent = args.size // ebca.vae_scale_factor
-    latents = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    noise = torch.Generator().manual_seed(0)
+    latents = torch.randn(args.batch, 4, latent, latent, generator=noise).to(device, dtype)
     energy = EnergyConfig(args.gamma_attn, args.gamma_norm)
 
     def run_plain() -> torch.Tensor:
@@ -144,6 +150,7 @@ def main() -> None:
             latents=latents.clone(),
             height=args.size,
             width=args.size,
+            num_images_per_prompt=args.batch,
             output_type="latent",
         ).images
 
@@ -153,13 +160,18 @@ def main() -> None:
             num_inference_steps=args.steps,
             latents=latents.clone(),
             energy=energy,
+            num_images=args.batch,
             output_type="latent",
         ).latents
 
     def run_ebca_loop_only() -> torch.Tensor:
         # energy=None: the pipeline's own loop with the stock processors (separates loop from BCU cost).
         return ebca.generate(
-            PROMPT, num_inference_steps=args.steps, latents=latents.clone(), output_type="latent"
+            PROMPT,
+            num_inference_steps=args.steps,
+            latents=latents.clone(),
+            num_images=args.batch,
+            output_type="latent",
         ).latents
 
     def timed(fn: Any) -> float:
@@ -185,6 +197,7 @@ def main() -> None:
         num_inference_steps=args.steps,
         latents=latents.clone(),
         energy=EnergyConfig(),
+        num_images=args.batch,
         output_type="latent",
     ).latents
     reference = run_plain()
@@ -205,6 +218,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "image_size": args.size,
         "latent_size": latent,
+        "batch": args.batch,
         "steps": args.steps,
         "repeats": args.repeats,
         "gamma_attn": args.gamma_attn,

@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     max_queue: int = Field(1000, ge=1, description="Queued jobs beyond this get 429.")
     retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent with 429 and 503.")
 
+    max_batch: int = Field(
+        8,
+        ge=1,
+        description="Image rows a worker denoises in one batch: a starting generate job takes compatible "
+        "queued jobs along up to this many images (1 = no coalescing; a job's own images always run "
+        "together).",
+    )
+    batch_max_pixels: int = Field(
+        8 * 512 * 512,
+        ge=64,
+        description="Coalescing stops before a batch's images (width x height x images) exceed this "
+        "(a lone job runs whatever its size).",
+    )
     max_attempts: int = Field(3, ge=1, description="Worker crashes a job may cause before it fails.")
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

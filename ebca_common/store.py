@@ -75,7 +75,9 @@ __all__ = [
     "redis_errors",
 ]
 
-BeginOutcome = Literal["run", "missing", "terminal", "duplicate", "exhausted", "canceled", "timeout"]
+BeginOutcome = Literal[
+    "run", "missing", "terminal", "duplicate", "exhausted", "canceled", "timeout", "not_queued"
+]
 #: What a worker should do after reporting a step: go on, stop for a cancel, or stop because the job is
 #: no longer its own (the sweep gave it to another worker, or ended it).
 StepVerdict = Literal["run", "cancel", "lost"]
@@ -375,7 +377,17 @@ class JobStore(LeaseRules):
         return raw is not None and self._decode_field("cancel_requested", raw)
 
     # -- worker side ---------------------------------------------------------------------------------
-    def begin(self, job_id: str, worker_id: str) -> Begin:
+    def queued_records(self, limit: int) -> list[JobRecord]:
+        """The first ``limit`` queued jobs in queue order (a worker looking for jobs to batch with)."""
+        with redis_errors():
+            ids = self.r.zrange(self.k("queue"), 0, limit - 1)
+            with self.r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self.job_key(job_id))
+                raws = pipe.execute()
+        return [self._decode(raw) for raw in raws if raw]
+
+    def begin(self, job_id: str, worker_id: str, *, queued_only: bool = False) -> Begin:
         """Claim a delivered job for ``worker_id`` (a worker process id): take its lease, count the attempt.
 
         The one path for every delivery. A job running under another worker's live lease makes this a
@@ -383,6 +395,10 @@ class JobStore(LeaseRules):
         restart) or the sweep re-published a job that has started since; the holder finishes it, and if
         it dies the sweep puts the job back in line. A job that must not run (:meth:`_must_end`) ends
         here. The caller must already list ``job_id`` in the holdings its heartbeat reports.
+
+        ``queued_only``: a worker claiming a queued job for its batch (not a delivery): any job that is
+        not queued any more is ``not_queued`` and left alone. The claim is the same transaction, so a
+        delivery of the claimed job to another worker finds it running here and drops it.
         """
 
         def decide(record: JobRecord | None) -> tuple[Begin, Callable[[Any], None] | None]:
@@ -390,6 +406,8 @@ class JobStore(LeaseRules):
                 return Begin("missing"), None
             if record.status.terminal:
                 return Begin("terminal", record), None
+            if queued_only and record.status != JobStatus.QUEUED:
+                return Begin("not_queued", record), None
             now = time.time()
             if (
                 record.status == JobStatus.RUNNING
@@ -437,6 +455,23 @@ class JobStore(LeaseRules):
 
     def progress(self, job_id: str, lease: str, stage: str, step: int, total: int) -> StepVerdict:
         """Record progress if ``lease`` still holds the job; say whether to go on (one round trip)."""
+        return self.progress_many(lease, [(job_id, stage, step, total)])[0]
+
+    def progress_many(self, lease: str, entries: list[tuple[str, str, int, int]]) -> list[StepVerdict]:
+        """:meth:`progress` of the jobs of one batch, ``(job_id, stage, step, total)`` each, in one round
+        trip; a verdict per job."""
+        if not entries:
+            return []
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id, stage, step, total in entries:
+                keys, args = self._progress_call(job_id, lease, stage, step, total)
+                self._progress_script(keys=keys, args=args, client=pipe)
+            return list(pipe.execute())
+
+    def _progress_call(
+        self, job_id: str, lease: str, stage: str, step: int, total: int
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of the progress script for one job (record, event, webhook)."""
         progress = Progress(stage=stage, step=step, total=total)  # type: ignore[arg-type]
         encoded = self._encode(
             {"status": JobStatus.RUNNING, "lease": lease, "progress": progress, "cancel_requested": True}
@@ -450,7 +485,7 @@ class JobStore(LeaseRules):
         args = [encoded["status"], encoded["lease"], encoded["progress"], encoded["cancel_requested"],
                 json.dumps(data), stage, step, total, self.settings.events_maxlen, msg_id, msg,
                 now]  # fmt: skip
-        return self._progress_script(keys=keys, args=args)  # type: ignore[no-any-return]
+        return keys, args
 
     def _held_by(self, lease: str, record: JobRecord | None) -> bool:
         return record is not None and record.status == JobStatus.RUNNING and record.lease == lease

@@ -30,10 +30,13 @@ from ebca_common.jobs import (
 )
 from ebca_common.settings import Settings
 
-#: Histogram buckets in seconds (jobs take seconds to minutes; steps take milliseconds to seconds).
+#: Histogram buckets (durations in seconds: jobs take seconds to minutes, steps milliseconds to seconds).
 HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     "job_duration_seconds": (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
     "step_duration_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    # Not seconds: the image rows of each batch a worker ran, and each batch's images per second.
+    "batch_images": (1, 2, 4, 8, 16, 32, 64),
+    "batch_images_per_second": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100),
 }
 
 #: One validator per record field: every value written to a job hash is checked against the record's

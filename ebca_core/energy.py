@@ -64,8 +64,8 @@ def bcu_update(
     to_k_weight: torch.Tensor,
     *,
     heads: int,
-    gamma_attn: float,
-    gamma_norm: float,
+    gamma_attn: float | torch.Tensor,
+    gamma_norm: float | torch.Tensor,
     logits: torch.Tensor | None = None,
     scale: float | None = None,
     token_weights: torch.Tensor | None = None,
@@ -78,9 +78,11 @@ def bcu_update(
       caller puts ones on the unconditional rows).
     - ``query_mask``: ``[B, P]``, multiplies the queries of the attention term only (text-guided
       inpainting: the pixel softmax of step 1 still runs over all pixels and step 4 is unmasked).
+    - ``gamma_attn``, ``gamma_norm``: numbers, or ``[B]`` tensors of one step size per row (a batch of
+      requests with different settings); a row with 0 gets no update of that term.
     """
     grad = torch.zeros_like(key)
-    if gamma_attn != 0.0:
+    if nonzero(gamma_attn):
         if logits is None:
             if scale is None:
                 raise ValueError("bcu_update needs either logits or scale")
@@ -89,13 +91,24 @@ def bcu_update(
         col = _upcast(logits.transpose(-1, -2)).softmax(dim=-1).to(query.dtype)
         q = query if query_mask is None else query * query_mask.unsqueeze(-1).to(query.dtype)
         # Step 2: A @ Q per head, heads concatenated back -> [B, N, H*d_h].
-        g_attn = merge_heads(torch.matmul(col, split_heads(q, heads))) * gamma_attn
+        g_attn = merge_heads(torch.matmul(col, split_heads(q, heads))) * _per_row(gamma_attn, query)
         if token_weights is not None:
             g_attn = g_attn * token_weights.unsqueeze(-1).to(g_attn.dtype)  # step 3
         grad = grad + g_attn
-    if gamma_norm != 0.0:
+    if nonzero(gamma_norm):
         # Step 4: u = softmax over tokens of ||k_i||^2 (all heads together, no 1/2).
         u = _upcast(key).pow(2).sum(dim=-1).softmax(dim=-1).to(key.dtype)
-        grad = grad - gamma_norm * u.unsqueeze(-1) * key
+        grad = grad - _per_row(gamma_norm, key) * u.unsqueeze(-1) * key
     # Step 5: chain rule through this layer's own W_k ([H*d_h, d_c]); the to_k bias plays no part.
     return torch.matmul(grad, to_k_weight.to(grad.dtype))
+
+
+def nonzero(gamma: float | torch.Tensor) -> bool:
+    return bool((gamma != 0).any()) if isinstance(gamma, torch.Tensor) else gamma != 0.0
+
+
+def _per_row(gamma: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A number as it is; a ``[B]`` tensor as ``[B, 1, 1]`` (it scales each row's ``[N, d]`` term)."""
+    if isinstance(gamma, torch.Tensor):
+        return gamma.view(-1, 1, 1).to(like.device, like.dtype)
+    return gamma

@@ -33,11 +33,11 @@ from ebca_core.denoising import DenoiseRun, ProgressCallback, denoise
 from ebca_core.errors import InvalidInputError
 from ebca_core.images import ImageInput, numpy_to_pil, tensor_to_numpy
 from ebca_core.inputs import CallInputs, CheckInputsMixin, OutputType, StageCallback
-from ebca_core.processor import EBCAState
+from ebca_core.processor import EBCAState, RowEnergy
 from ebca_core.schedulers import make_scheduler, scheduler_name
 from ebca_core.tasks import TaskStepsMixin
 
-__all__ = ["EBCAOutput", "EBCAPipeline", "OutputType", "ProgressCallback", "StageCallback"]
+__all__ = ["BatchPart", "EBCAOutput", "EBCAPipeline", "OutputType", "ProgressCallback", "StageCallback"]
 
 
 @dataclass
@@ -54,6 +54,18 @@ class EBCAOutput:
     latents: torch.Tensor
     seeds: list[int]
     energy_trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """One request's share of :meth:`EBCAPipeline.generate_batch`: what may differ between the requests
+    of one batch (the sampler settings and the image size are the batch's)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+    energy: EnergyConfig | None = None
 
 
 class _Limit:
@@ -303,6 +315,108 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         """
         inputs = self.check_inputs("inpaint", **_arguments(locals()))
         return self._run(inputs)
+
+    def generate_batch(
+        self,
+        parts: Sequence[BatchPart],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: OutputType = "pil",
+        callback: ProgressCallback | None = None,
+        on_stage: StageCallback | None = None,
+        *,
+        scheduler: str | None = None,
+    ) -> list[EBCAOutput]:
+        """Several generate requests as one batch: one output per part, in order.
+
+        Each part has its own prompt, negative prompt, seeds (image i of a part uses its seed + i) and
+        energy settings (gammas, schedules, token weights, kept per row by the processor state); the
+        steps, guidance, size and scheduler are shared. Image i of a part equals that part run alone
+        through :meth:`generate` to float32 round-off (batched kernels block their sums differently).
+        Every part is checked by :meth:`check_inputs` first; an :class:`InvalidInputError` of part k
+        names the field as ``parts[k].<field>``. No CACAO edits: their shared unconditional context
+        would couple the rows of different requests.
+        """
+        if not parts:
+            raise InvalidInputError("give at least one part", field="parts")
+        checked = []
+        for index, part in enumerate(parts):
+            try:
+                checked.append(
+                    self.check_inputs(
+                        "generate",
+                        prompt=part.prompt,
+                        negative_prompt=part.negative_prompt,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        height=height,
+                        width=width,
+                        num_images=part.num_images,
+                        seed=part.seed,
+                        energy=part.energy,
+                        output_type=output_type,
+                        callback=callback,
+                        on_stage=on_stage,
+                        scheduler=scheduler,
+                    )
+                )
+            except InvalidInputError as exc:
+                where = f"parts[{index}]" + (f".{exc.field}" if exc.field else "")
+                raise InvalidInputError(exc.message, field=where) from exc
+        if len(checked) == 1:
+            return [self._run(checked[0])]
+        return self._run_batch(checked)
+
+    def _run_batch(self, parts: list[CallInputs]) -> list[EBCAOutput]:
+        """The skeleton of :meth:`_run` for the checked parts of one batch (generate only)."""
+        first = parts[0]
+        part_seeds = [_seeds(p.seed, p.num_images) for p in parts]
+        generators = _generators([seed for seeds in part_seeds for seed in seeds])
+        prompt_embeds, negative_embeds = self._batch_conditioning(parts)
+        run = DenoiseRun(
+            scheduler=first.scheduler,
+            timesteps=first.timesteps,
+            num_inference_steps=first.num_inference_steps,
+            prompt_embeds=prompt_embeds,
+            negative_embeds=negative_embeds,
+            guidance_scale=first.guidance_scale,
+            generators=generators,
+            state=None,
+            callback=first.callback,
+        )
+        latents = self._noise(generators, first.latent_shape) * first.scheduler.init_noise_sigma
+        if any(p.energy is not None for p in parts):
+            run.state = EBCAState(
+                num_inference_steps=first.num_inference_steps,
+                num_unet_calls=len(first.timesteps),
+                do_cfg=first.do_cfg,
+                row_energies=[RowEnergy(p.num_images, p.energy, p.token_weights) for p in parts],
+                _checked=True,
+            )
+        first.stage("denoising")
+        latents = denoise(self.unet, run, latents)
+        first.stage("decoding")
+        images = self._decode(latents, first.output_type)
+        outputs, start = [], 0
+        for part, seeds in zip(parts, part_seeds, strict=True):
+            rows = slice(start, start + part.num_images)
+            start += part.num_images
+            mine = images[rows] if images is not None else None
+            outputs.append(EBCAOutput(_format(mine, first.output_type), latents[rows], seeds))
+        return outputs
+
+    def _batch_conditioning(self, parts: list[CallInputs]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt and negative embeddings of every row of a batch: each distinct text encoded once."""
+        texts = sorted({p.prompt or "" for p in parts} | {p.negative_prompt or "" for p in parts})
+        encoded = dict(zip(texts, self.encode_text(texts), strict=True))
+
+        def rows(text_of: Callable[[CallInputs], str | None]) -> torch.Tensor:
+            return torch.cat([encoded[text_of(p) or ""].expand(p.num_images, -1, -1) for p in parts])
+
+        prompt = rows(lambda p: p.prompt)
+        return prompt, rows(lambda p: p.negative_prompt) if parts[0].do_cfg else None
 
     # --- the skeleton shared by the tasks ----------------------------------------------------------
     def _run(self, inputs: CallInputs) -> EBCAOutput:

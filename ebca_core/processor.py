@@ -34,11 +34,29 @@ from ebca_core.energy import (
     attention_logits,
     bcu_update,
     merge_heads,
+    nonzero,
     norm_energy,
     split_heads,
 )
 from ebca_core.errors import EBCAError, InvalidInputError
 from ebca_core.schedules import Schedule
+
+
+@dataclass(frozen=True)
+class RowEnergy:
+    """The BCU settings of consecutive images of a batch: one request's share of a batched call.
+
+    ``token_weights`` are resolved token indices of that request's prompt. Rows of different requests
+    never mix: every quantity of the update is per row (docs/EBCA.md, "Batches of requests").
+    """
+
+    images: int
+    energy: EnergyConfig | None
+    token_weights: Mapping[int, float]
+
+
+#: A step size for every row of the batch: one number (all rows alike) or a ``[images]`` tensor.
+Gamma = float | torch.Tensor
 
 
 @dataclass
@@ -70,6 +88,9 @@ class EBCAState:
         region_mask: ``[B, 1, h, w]`` at latent resolution, 1 = region to repaint (text-guided
             inpainting); multiplies the queries of the BCU attention term.
         record_energy: append per-layer energies to :attr:`energy_trace` at every U-Net call.
+        row_energies: per-request BCU settings of a batch of requests (instead of ``energy`` and
+            ``token_weights``, which then stay None): image rows in order, each group its own gammas,
+            schedules and token weights.
     """
 
     def __init__(
@@ -85,6 +106,7 @@ class EBCAState:
         edit_uncond_embeds: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         record_energy: bool = False,
+        row_energies: Sequence[RowEnergy] | None = None,
         _checked: bool = False,
     ) -> None:
         # ``_checked``: the caller (EBCAPipeline.check_inputs) has run every check of these arguments,
@@ -112,6 +134,7 @@ class EBCAState:
                 )
             token_weights = {int(k): float(v) for k, v in energy.token_weights.items()}
         self.token_weights = dict(token_weights or {})
+        self._groups = self._row_groups(row_energies, energy, token_weights, edits)
 
         self.edits = [_Editorial(e.sign, e.alpha_schedule(), *e.gamma_schedules()) for e in edits]
         if self.edits and (edit_embeds is None or edit_embeds.shape[0] != len(self.edits)):
@@ -172,19 +195,62 @@ class EBCAState:
                 self.edit_uncond_context = uncond.expand(images, -1, -1).clone()
 
     # --- helpers for the processors -----------------------------------------------------------------
-    def gammas(self) -> tuple[float, float]:
+    @staticmethod
+    def _row_groups(
+        row_energies: Sequence[RowEnergy] | None,
+        energy: EnergyConfig | None,
+        token_weights: Mapping[int, float] | None,
+        edits: Sequence[EditorialPrompt],
+    ) -> list[tuple[int, Schedule, Schedule, dict[int, float]]] | None:
+        """Per-request (images, gamma_attn, gamma_norm, token weights), or None for one call's settings."""
+        if row_energies is None:
+            return None
+        if energy is not None or token_weights or edits:
+            raise EBCAError("row_energies replaces energy and token_weights and excludes edits")
+        zero = Schedule.constant(0.0)
+        return [
+            (
+                g.images,
+                g.energy.attn_schedule() if g.energy is not None else zero,
+                g.energy.norm_schedule() if g.energy is not None else zero,
+                dict(g.token_weights),
+            )
+            for g in row_energies
+        ]
+
+    def gammas(self) -> tuple[Gamma, Gamma]:
+        """The step sizes at this U-Net call: numbers, or ``[images]`` tensors when a batch of requests
+        has rows with different values (numbers again when they agree, so that a request alone and a
+        batch of identical ones run the same kernels)."""
         i, t = self.step_index, self.num_inference_steps
-        return self.gamma_attn(i, t), self.gamma_norm(i, t)
+        if self._groups is None:
+            return self.gamma_attn(i, t), self.gamma_norm(i, t)
+        attn = [g_attn(i, t) for n, g_attn, _, _ in self._groups for _ in range(n)]
+        norm = [g_norm(i, t) for n, _, g_norm, _ in self._groups for _ in range(n)]
+        return _per_row(attn), _per_row(norm)
+
+    def row_gammas(self, gamma: Gamma, rows: int) -> Gamma:
+        """A per-image step size for every batch row (both halves with guidance)."""
+        if not isinstance(gamma, torch.Tensor):
+            return gamma
+        return torch.cat([gamma, gamma]) if self.do_cfg else gamma
 
     def token_weight_rows(self, rows: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         """``[rows, N]`` multipliers: the weights on conditional rows, ones elsewhere (BCU step 3)."""
-        if not self.token_weights:
-            return None
-        weights = torch.ones(rows, num_tokens, device=device)
         first_cond = rows // 2 if self.do_cfg else 0
-        for index, weight in self.token_weights.items():
-            weights[first_cond:, index] = weight
-        return weights
+        if self._groups is None:
+            groups = [(rows - first_cond, self.token_weights)]
+        else:
+            groups = [(n, weights) for n, _, _, weights in self._groups]
+        if not any(weights for _, weights in groups):
+            return None
+        result = torch.ones(rows, num_tokens, device=device)
+        start = first_cond
+        for images, weights in groups:
+            for index, weight in weights.items():
+                result[start : start + images, index] = weight
+            start += images
+        return result
 
     def query_mask(self, rows: int, num_pixels: int, device: torch.device) -> torch.Tensor | None:
         """The region mask resized to this layer's h x w (bilinear, align_corners=True): ``[rows, P]``."""
@@ -225,6 +291,10 @@ def _attend(
     return attn.to_out[1](attn.to_out[0](out)), logits, key
 
 
+def _per_row(values: list[float]) -> Gamma:
+    return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=torch.float64)
+
+
 class EBCACrossAttnProcessor:
     """Cross-attention with the Bayesian Context Update and CACAO (docs/EBCA.md)."""
 
@@ -251,7 +321,7 @@ class EBCACrossAttnProcessor:
         state.layer_index += 1
 
         gamma_attn, gamma_norm = state.gammas()
-        main_bcu = gamma_attn != 0.0 or gamma_norm != 0.0
+        main_bcu = nonzero(gamma_attn) or nonzero(gamma_norm)
         i, t = state.step_index, state.num_inference_steps
         edit_terms = [(e.sign * e.alpha(i, t), e.gamma_attn(i, t), e.gamma_norm(i, t)) for e in state.edits]
         active_edits = any(w != 0.0 or ga != 0.0 or gn != 0.0 for w, ga, gn in edit_terms)
@@ -285,6 +355,7 @@ class EBCACrossAttnProcessor:
         if state.record_energy:
             self._record(state, layer, query, key, logits, scale)
         if main_bcu:
+            gamma_attn, gamma_norm = state.row_gammas(gamma_attn, rows), state.row_gammas(gamma_norm, rows)
             d_context = bcu_update(
                 query,
                 key,

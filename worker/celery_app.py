@@ -83,6 +83,15 @@ class Heartbeat:
             with self._lock:
                 self._jobs.discard(job_id)
 
+    def add(self, job_id: str) -> None:
+        """List a job this process claims for its batch (before it begins it, as :meth:`holding`)."""
+        with self._lock:
+            self._jobs.add(job_id)
+
+    def discard(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.discard(job_id)
+
     def jobs(self) -> set[str]:
         with self._lock:
             return set(self._jobs)

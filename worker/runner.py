@@ -1,5 +1,6 @@
-"""Runs one job: claim it in the job store, translate it into ebca_core calls, store the images,
-record the result. The Celery task is a one-line wrapper around :meth:`JobRunner.run`.
+"""Runs one job, with the compatible queued jobs it takes along: claim them in the job store,
+translate them into ebca_core calls (one batch), store the images, record each job's result. The
+Celery task is a one-line wrapper around :meth:`JobRunner.run`.
 
 The worker checks no request rule: the api checked them before queueing the job, and ebca_core checks
 the same rules (:mod:`ebca_common.params`) again on this side of the queue. Here requests are only
@@ -50,6 +51,8 @@ from ebca_core import (
     ModelNotFoundError,
     Schedule,
 )
+from ebca_core.pipeline import BatchPart
+from worker.batch import BatchJob, BatchOver, BatchReporter, HandBack, Holdings
 from worker.pipelines import PipelineCache
 
 log = logging.getLogger("ebca.worker")
@@ -63,23 +66,6 @@ _STORE_DOWN = (RedisConnectionError, RedisTimeoutError)
 def draw_seed(num_images: int) -> int:
     """A random seed for image 0 such that seed + i stays a valid seed (<= 2**32 - 1) for every image."""
     return secrets.randbelow(MAX_SEED - num_images + 2)
-
-
-class JobCanceled(Exception):
-    """Raised from the per-step callback to stop a job whose cancel flag is set."""
-
-
-class JobTimedOut(Exception):
-    """Raised from the per-step callback once the job's deadline has passed."""
-
-
-class LeaseLost(Exception):
-    """Raised from the per-step callback when the job is no longer this worker's (the sweep gave it to
-    another worker or ended it): stop, writing nothing."""
-
-
-class HandBack(Exception):
-    """Raised from the per-step callback when this worker is shutting down: the job goes back in line."""
 
 
 def energy_config(spec: EnergySpec | None) -> EnergyConfig | None:
@@ -115,71 +101,107 @@ class JobRunner:
         cache: PipelineCache,
         worker_id: str,
         stopping: Callable[[], bool] = lambda: False,
+        holdings: Holdings | None = None,
+        max_batch: int = 1,
+        batch_max_pixels: int = 8 * 512 * 512,
     ) -> None:
         self.store = store
         self.storage = storage
         self.cache = cache
         #: This process's id (``host:pid``): the lease it takes on the jobs it runs.
         self.worker_id = worker_id
-        #: Whether this worker is shutting down (a running job is then handed back at its next step).
+        #: Whether this worker is shutting down (running jobs are then handed back at their next step).
         self.stopping = stopping
+        #: The jobs this process's heartbeat reports; jobs claimed for a batch are added before begin.
+        self.holdings: Holdings = holdings if holdings is not None else set()
+        #: EBCA_MAX_BATCH and EBCA_BATCH_MAX_PIXELS: how far a starting job takes queued jobs along.
+        self.max_batch = max_batch
+        self.batch_max_pixels = batch_max_pixels
+        #: Ids of the jobs the last run handed back (the task re-publishes their messages).
+        self.handed_back: list[str] = []
 
     # -- entry point -------------------------------------------------------------------------------------
     def run(self, job_id: str) -> str:
-        """Run ``job_id`` to a terminal state; returns what happened (for logs and tests)."""
+        """Run ``job_id`` (and the jobs it takes along) to a terminal state; returns what happened to
+        ``job_id`` (for logs and tests)."""
+        self.handed_back = []
         begin = self.store.begin(job_id, self.worker_id)
         if begin.outcome != "run":
             log.info("job %s: %s, not running it", job_id, begin.outcome)
             return begin.outcome
-        record = begin.record
-        assert record is not None  # a "run" outcome always carries the claimed record
-        log.info("job %s: attempt %s on %s", job_id, record.attempts, self.worker_id)
-        started = time.perf_counter()
-        outcome = "succeeded"
+        assert begin.record is not None  # a "run" outcome always carries the claimed record
+        lead = BatchJob(begin.record)
+        log.info("job %s: attempt %s on %s", job_id, lead.record.attempts, self.worker_id)
+        jobs = [lead]
         try:
-            result, total = self._execute(record)
-        except JobCanceled:
-            outcome = self._finish(job_id, "canceled", JobStatus.CANCELED)
-        except JobTimedOut:
-            log.warning("job %s: past its deadline %s; stopped", job_id, record.deadline_at)
-            outcome = self._finish(job_id, "timeout", JobStatus.FAILED, error=record.timeout_error())
-        except LeaseLost:
-            log.warning(
-                "job %s: no longer held by this worker (recovered elsewhere or ended); dropped", job_id
-            )
-            return "lease_lost"
+            self._prepare(lead)
+            jobs += self._claim_partners(lead)
+            if len(jobs) > 1:
+                # Checked now only when it has partners (a lone job pays nothing for batching): a lead
+                # that ebca_core refuses fails alone and its partners run without it.
+                self._check_alone(lead)
+            self._execute([job for job in jobs if job.active])
+        except BatchOver:
+            pass  # every job of the batch ended at a step (canceled, timed out, taken over)
         except HandBack:
-            released = self._store_retry(lambda: self.store.release(job_id, self.worker_id))
-            log.info("job %s: handed back (worker stopping)", job_id)
-            return "handed_back" if released else "lease_lost"
+            for job in jobs:
+                if job.active:
+                    released = self._store_retry(lambda job=job: self.store.release(job.id, self.worker_id))
+                    self.drop(job, "handed_back" if released else "lease_lost")
+                    if released:
+                        self.handed_back.append(job.id)
+            log.info("jobs %s: handed back (worker stopping)", self.handed_back)
         except _STORE_DOWN:
-            raise  # the job store is away before the job could start: the task sends it round again
-        except Exception as exc:  # every failure ends the job with a stable code; the worker lives on
-            code, message, field = self._classify(exc)
-            outcome = "failed"
-            if code == "internal_error":
-                log.exception("job %s failed", job_id)
-            else:
-                log.warning("job %s failed: %s: %s", job_id, code, message)
-            error = JobError(code=code, message=message, field=field or None)  # type: ignore[arg-type]
-            outcome = self._finish(job_id, "failed", JobStatus.FAILED, error=error)
-            if code == "out_of_memory" and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        else:
-            progress = Progress(stage="done", step=total, total=total)
-            outcome = self._finish(job_id, "succeeded", JobStatus.SUCCEEDED, result=result, progress=progress)
-        with contextlib.suppress(*_STORE_DOWN):  # a metric is not worth waiting for
-            self.store.observe("job_duration_seconds", time.perf_counter() - started)
-        return outcome
+            # The job store is away before the batch could start: the task sends the job round again;
+            # the partners' leases lapse once this process stops listing them (finally), and the sweep
+            # puts them back in line.
+            raise
+        except Exception as exc:  # every failure ends the jobs with a stable code; the worker lives on
+            self._fail(jobs, exc)
+        finally:
+            for job in jobs[1:]:
+                self.holdings.discard(job.id)
+        assert lead.outcome is not None
+        return lead.outcome
 
-    def _finish(self, job_id: str, outcome: str, status: JobStatus, **fields: Any) -> str:
-        """Record the end of the job (``outcome``), or "lease_lost" when another worker holds it now."""
-        if self._store_retry(lambda: self.store.finish(job_id, status, lease=self.worker_id, **fields)):
-            return outcome
-        log.warning(
-            "job %s: ended %s, but it is no longer held by this worker; not recorded", job_id, outcome
-        )
-        return "lease_lost"
+    def end(self, job: BatchJob, outcome: str, status: JobStatus, **fields: Any) -> None:
+        """Record the end of one job of the batch (``outcome``), or "lease_lost" when another worker
+        holds it now."""
+        if self._store_retry(lambda: self.store.finish(job.id, status, lease=self.worker_id, **fields)):
+            job.outcome = outcome
+        else:
+            log.warning(
+                "job %s: ended %s, but it is no longer held by this worker; not recorded", job.id, outcome
+            )
+            job.outcome = "lease_lost"
+        with contextlib.suppress(*_STORE_DOWN):  # a metric is not worth waiting for
+            self.store.observe("job_duration_seconds", time.perf_counter() - job.started)
+
+    def drop(self, job: BatchJob, outcome: str) -> None:
+        """Stop computing for a job without recording anything (it is no longer this worker's)."""
+        job.outcome = outcome
+
+    def _check_alone(self, job: BatchJob) -> None:
+        """ebca_core's checks of a job about to join a batch; a job they refuse fails on its own."""
+        try:
+            self.cache.get(job.request.model).check_inputs("generate", **self._call_arguments(job))
+        except _STORE_DOWN:
+            raise
+        except Exception as exc:
+            self._fail([job], exc)
+
+    def _fail(self, jobs: list[BatchJob], exc: Exception) -> None:
+        code, message, field = self._classify(exc)
+        if code == "internal_error":
+            log.exception("jobs %s failed", [job.id for job in jobs if job.active])
+        else:
+            log.warning("jobs %s failed: %s: %s", [job.id for job in jobs if job.active], code, message)
+        error = JobError(code=code, message=message, field=field or None)  # type: ignore[arg-type]
+        for job in jobs:
+            if job.active:
+                self.end(job, "failed", JobStatus.FAILED, error=error)
+        if code == "out_of_memory" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _store_retry(self, call: Callable[[], bool]) -> bool:
         """Run a store call that must not be lost, retrying while the store is unreachable (a Redis
@@ -211,9 +233,10 @@ class JobRunner:
         return "internal_error", f"{type(exc).__name__}: {exc}", None
 
     # -- translation into ebca_core calls --------------------------------------------------------------
-    def _execute(self, record: JobRecord) -> tuple[JobResult, int]:
-        job_id, mode_name = record.id, _mode_of(record)
-        mode = MODES.get(mode_name)
+    def _prepare(self, job: BatchJob) -> None:
+        """The job's request as it runs (model defaults filled in, seeds drawn), recorded."""
+        record = job.record
+        job.mode = mode = MODES.get(_mode_of(record))  # type: ignore[assignment]
         if mode is None:
             raise ValueError(f"unknown job kind {record.kind!r} / mode {record.mode!r}")
         # A synthetic edit is its source's generate request re-run with editorial prompts (the api
@@ -222,37 +245,146 @@ class JobRunner:
         request: Any = stored_request(mode.model, stored)
         pipe = self.cache.get(request.model)
         # Null sampler settings take the model's defaults; the record then shows the values used.
-        request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
+        job.request = request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
         # The webhook belongs to the job (its record), not to what reproduces an image.
-        data = request.model_dump(mode="json", exclude={"webhook", "webhook_events"})
-        # Images are made one pipeline call each (num_images=1, seed + i): batched CPU/GPU kernels round
-        # differently from single ones, so only this makes each image's settings reproduce it byte for
-        # byte. The inversion of a real image is cached by ebca_core, so repeating the call is cheap.
+        job.data = request.model_dump(mode="json", exclude={"webhook", "webhook_events"})
+        # All images of the job run in one batch: image i draws from its own generator seeded seed + i,
+        # so its settings reproduce it alone to float32 round-off (docs/API.md, "Reproducibility").
         base = request.seed if request.seed is not None else draw_seed(request.num_images)
-        seeds = [base + i for i in range(request.num_images)]
-        total = request.steps * len(seeds)
-        self.store.resolve_request(job_id, data, total, field=mode.field)
-        report = _Reporter(self.store, record, total, self.worker_id, self.stopping)
+        job.seeds = [base + i for i in range(request.num_images)]
+        self.store.resolve_request(record.id, job.data, job.total, field=mode.field)
+        job.method, job.arguments = mode.handler(self, request)
+
+    @staticmethod
+    def _call_arguments(job: BatchJob) -> dict[str, Any]:
+        request = job.request
+        return {
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "energy": energy_config(request.energy),
+            "num_images": len(job.seeds),
+            "seed": job.seeds[0],
+            "output_type": "pil",
+            **job.arguments,
+        }
+
+    def _claim_partners(self, lead: BatchJob) -> list[BatchJob]:
+        """Queued jobs that share the lead's batch, claimed in queue order (docs/DEPLOY.md, "Batching").
+
+        Never waits: only jobs already queued are looked at. Stops at the first queued job that cannot
+        share the batch, so no job is ever overtaken by a later one; stops before EBCA_MAX_BATCH image
+        rows or EBCA_BATCH_MAX_PIXELS. A claim is :meth:`JobStore.begin` (its own attempt, this worker's
+        lease), with the job listed in this process's heartbeat first; a claimed job that fails
+        ebca_core's checks fails alone.
+        """
+        key = lead.batch_key()
+        rows = len(lead.seeds)
+        if key is None or rows >= self.max_batch:
+            return []
+        pixels = rows * lead.request.width * lead.request.height
+        partners: list[BatchJob] = []
+        for record in self.store.queued_records(self.max_batch):
+            candidate = BatchJob(record)
+            try:
+                self._peek(candidate)
+            except Exception:  # a request this worker cannot even read ends up failing on its own
+                break
+            if candidate.batch_key() != key:
+                break
+            images = candidate.request.num_images
+            area = images * candidate.request.width * candidate.request.height
+            if rows + images > self.max_batch or pixels + area > self.batch_max_pixels:
+                break
+            self.holdings.add(record.id)
+            begin = self.store.begin(record.id, self.worker_id, queued_only=True)
+            if begin.outcome != "run" or begin.record is None:
+                self.holdings.discard(record.id)  # canceled meanwhile, or taken by another worker
+                continue
+            job = BatchJob(begin.record)
+            try:
+                self._prepare(job)
+            except _STORE_DOWN:
+                raise
+            except Exception as exc:
+                self._fail([job], exc)
+            else:
+                self._check_alone(job)
+            if not job.active:  # failed alone, before the batch starts
+                self.holdings.discard(job.id)
+                continue
+            partners.append(job)
+            rows, pixels = rows + images, pixels + area
+        if partners:
+            log.info("job %s: batched with %s", lead.id, [job.id for job in partners])
+        return partners
+
+    def _peek(self, job: BatchJob) -> None:
+        """A queued job's request with the model's defaults, to compare without claiming it."""
+        mode = MODES.get(_mode_of(job.record))
+        if mode is None or mode.field != "request":
+            return  # synthetic edits and unknown modes never coalesce (batch_key is None)
+        request: Any = stored_request(mode.model, job.record.request)
+        if request.model not in self.cache:
+            return
+        pipe = self.cache.get(request.model)
+        job.request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
+
+    def _execute(self, jobs: list[BatchJob]) -> None:
+        """Run the batch: one pipeline call for all images of all jobs, then each job's images."""
+        if not jobs:
+            return
+        lead = jobs[0]
+        pipe = self.cache.get(lead.request.model)
+        report = BatchReporter(self, jobs)
         report.stage("loading")
-        method, arguments = mode.handler(self, request)
-        run = getattr(pipe, method)
-        made: list[Image.Image] = []
-        for index, seed in enumerate(seeds):
-            report.offset = index * request.steps
-            out = run(
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                energy=energy_config(request.energy),
-                num_images=1,
-                seed=seed,
-                output_type="pil",
-                callback=report.step,
-                on_stage=report.stage,
-                **arguments,
-            )
-            made.append(out.images[0])
+        started = time.perf_counter()
+        if len(jobs) == 1:
+            run = getattr(pipe, lead.method)
+            made = [
+                list(run(callback=report.step, on_stage=report.stage, **self._call_arguments(lead)).images)
+            ]
+        else:
+            made = self._generate_batch(pipe, jobs, report)
+        rows = sum(len(job.seeds) for job in jobs)
+        with contextlib.suppress(*_STORE_DOWN):
+            self.store.observe("batch_images", rows)
+            self.store.observe("batch_images_per_second", rows / max(time.perf_counter() - started, 1e-9))
         report.stage("uploading")
-        return JobResult(images=self._store_images(job_id, made, seeds, data, mode.endpoint)), total
+        for job, images in zip(jobs, made, strict=True):
+            if not job.active:
+                continue  # ended or dropped at a step: its rows were computed but are not its result
+            assert job.mode is not None
+            result = JobResult(
+                images=self._store_images(job.id, images, job.seeds, job.data, job.mode.endpoint)
+            )
+            progress = Progress(stage="done", step=job.total, total=job.total)
+            self.end(job, "succeeded", JobStatus.SUCCEEDED, result=result, progress=progress)
+
+    @staticmethod
+    def _generate_batch(pipe: Any, jobs: list[BatchJob], report: BatchReporter) -> list[list[Image.Image]]:
+        lead = jobs[0].request
+        parts = [
+            BatchPart(
+                prompt=job.request.prompt,
+                negative_prompt=job.request.negative_prompt,
+                num_images=len(job.seeds),
+                seed=job.seeds[0],
+                energy=energy_config(job.request.energy),
+            )
+            for job in jobs
+        ]
+        outputs = pipe.generate_batch(
+            parts,
+            num_inference_steps=lead.steps,
+            guidance_scale=lead.guidance_scale,
+            height=lead.height,
+            width=lead.width,
+            output_type="pil",
+            callback=report.step,
+            on_stage=report.stage,
+            scheduler=lead.scheduler,
+        )
+        return [list(out.images) for out in outputs]
 
     def _store_images(
         self, job_id: str, made: list[Image.Image], seeds: list[int], data: dict[str, Any], endpoint: str
@@ -343,57 +475,3 @@ MODES: dict[str, Mode] = {
 
 def _mode_of(record: JobRecord) -> str:
     return "generate" if record.kind == "generate" else str(record.mode)
-
-
-class _Reporter:
-    """Progress into the job record at every stage and denoising step, and the checks that stop a job
-    there (EBCA core's ``callback`` may raise to abort): a cancel and the lease (read in the same round
-    trip), the deadline, a shutdown of this worker."""
-
-    def __init__(
-        self, store: JobStore, record: JobRecord, total: int, worker_id: str, stopping: Callable[[], bool]
-    ) -> None:
-        self.store = store
-        self.record = record
-        self.total = total
-        self.worker_id = worker_id
-        self.stopping = stopping
-        self.done = 0
-        #: Steps of the images already made (images run one after another, see JobRunner._execute).
-        self.offset = 0
-        self.current_stage = "loading"
-        self._last = time.perf_counter()
-        self._store_down = False
-
-    def stage(self, stage: str) -> None:
-        self.current_stage = stage
-        self._last = time.perf_counter()
-        self._report(stage)
-
-    def step(self, step: int, total: int, latents: Any = None) -> None:
-        now = time.perf_counter()
-        self._last, elapsed = now, now - self._last
-        self.done = self.offset + min(step, total)
-        self._report("denoising", elapsed)
-
-    def _report(self, stage: str, step_seconds: float | None = None) -> None:
-        try:
-            if step_seconds is not None:
-                self.store.observe("step_duration_seconds", step_seconds)
-            verdict = self.store.progress(self.record.id, self.worker_id, stage, self.done, self.total)
-            self._store_down = False
-        except _STORE_DOWN as exc:
-            # The store blinked (a Redis restart): keep computing; the end is recorded once it is back,
-            # if this worker still holds the job then.
-            if not self._store_down:
-                log.warning("job %s: progress not recorded, job store unreachable: %s", self.record.id, exc)
-            self._store_down = True
-            verdict = "run"
-        if verdict == "cancel":
-            raise JobCanceled()
-        if verdict == "lost":
-            raise LeaseLost()
-        if self.record.past_deadline(time.time()):
-            raise JobTimedOut()
-        if self.stopping():
-            raise HandBack()

@@ -38,6 +38,9 @@ def _runner(pid: int) -> JobRunner:
         _cache(),
         process_id(),
         stopping=lambda: heartbeat.stopping,
+        holdings=heartbeat,
+        max_batch=settings.max_batch,
+        batch_max_pixels=settings.batch_max_pixels,
     )
 
 
@@ -51,11 +54,13 @@ def run_job(self: Task, job_id: str) -> str:
             # The job store blinked before the job could start: send the job id round again (the
             # attempt count still bounds how often it can start).
             raise self.retry(exc=exc, countdown=settings.retry_after_seconds, max_retries=None) from exc
-    if outcome == "handed_back":
-        # The record is queued again; a message at the front of the queue lets another worker start
-        # the job at once (this one is acknowledged). Should the broker be away, the sweep re-publishes.
+    # Handed-back jobs (this one, and those it had taken along into its batch) are queued again; a
+    # message at the front of the queue lets another worker start each at once (this one is
+    # acknowledged; a partner's old message, if the broker still has it, is dropped as a duplicate).
+    # Should the broker be away, the sweep re-publishes.
+    for handed in runner().handed_back:
         with contextlib.suppress(Unavailable):
-            _publisher().publish(job_id, front=True)
+            _publisher().publish(handed, front=True)
     return outcome
 
 

@@ -36,6 +36,9 @@ BASE_ENV = {
     "EBCA_HEARTBEAT_SECONDS": "0.5",
     "EBCA_HEARTBEAT_TTL": "4",
     "EBCA_MAX_ATTEMPTS": "2",
+    # One job per worker at a time: the suites count jobs per worker (two busy workers, a queued third
+    # job). Coalescing has its own stack with the default in tests/integration/test_batching.py.
+    "EBCA_MAX_BATCH": "1",
     "EBCA_MAX_UPLOAD_BYTES": "300000",
     "EBCA_MAX_JSON_BYTES": "20000",
     "EBCA_MAX_IMAGE_PIXELS": str(256 * 256),
@@ -385,6 +388,20 @@ def prefork_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_
     try:
         s.start_api()
         s.start_worker(pool="prefork")
+        yield s
+    finally:
+        s.shutdown()
+
+
+@pytest.fixture(scope="module")
+def batching_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
+    """A deployment whose one solo worker coalesces (the default EBCA_MAX_BATCH, against BASE_ENV's 1)."""
+    extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("batching-storage")),
+             "EBCA_DEFAULT_MODEL": str(tiny_model_dir), "EBCA_MAX_BATCH": "8"}  # fmt: skip
+    s = _make_stack("batching", 5, extra, redis_port, logdir)
+    try:
+        s.start_api()
+        s.start_worker()
         yield s
     finally:
         s.shutdown()

@@ -83,7 +83,7 @@ def test_generate_end_to_end(stack: Stack, generated: dict) -> None:
     job = generated
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 1 and job["error"] is None
-    assert job["progress"] == {"stage": "done", "step": 8, "total": 8}  # 2 images x 4 steps
+    assert job["progress"] == {"stage": "done", "step": 4, "total": 4}  # 2 images denoised together
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     blobs = download_and_check(stack, job, 48, 40)
     seeds = [image["seed"] for image in job["result"]["images"]]
@@ -229,7 +229,7 @@ def test_null_sampler_fields_take_the_models_defaults(stack: Stack) -> None:
     assert queued["request"]["steps"] is None and queued["request"]["guidance_scale"] is None
     job = stack.wait_job(queued["id"])
     assert job["status"] == "succeeded", job
-    assert job["progress"] == {"stage": "done", "step": 40, "total": 40}  # 2 images x the model's 20
+    assert job["progress"] == {"stage": "done", "step": 20, "total": 20}  # the model's 20, images together
     used = {"steps": 20, "guidance_scale": 5.0, "scheduler": "ddim", "width": 32, "height": 32}
     assert {k: job["request"][k] for k in used} == used
     for image in job["result"]["images"]:

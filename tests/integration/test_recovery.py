@@ -43,8 +43,9 @@ BEAT = DEFAULTS.heartbeat_seconds
 TUNED = ("EBCA_VISIBILITY_TIMEOUT", "EBCA_RESTORE_INTERVAL", "EBCA_HEARTBEAT_SECONDS", "EBCA_HEARTBEAT_TTL",
          "EBCA_MAX_ATTEMPTS")  # fmt: skip
 
-#: Long enough that a test acts while it runs: 400 steps at 0.015-0.1 s a step on one CPU thread.
-LONG = {"prompt": "a red circle", "steps": 200, "num_images": 2, "seed": 1}
+#: Long enough that a test acts while it runs: 200 steps of a 4-image batch (the job's images are
+#: denoised together) at 0.03-0.2 s a step on one CPU thread.
+LONG = {"prompt": "a red circle", "steps": 200, "num_images": 4, "seed": 1}
 MEDIUM = {"prompt": "a blue square", "steps": 60, "seed": 2}
 QUICK = {"prompt": "a cat", "steps": 2, "seed": 3}
 
@@ -184,13 +185,13 @@ def test_sigterm_hands_the_running_job_back_at_once(recovery: Recovery) -> None:
     handed = unix_time(again["started_at"]) - stopped_at
     # The parent marks itself draining at once; its prefork child reads the mark at its next beat
     # (within BEAT), hands the job back at its next step and requeues the message at the head of the
-    # queue; the other worker takes it at once, long before the 400 steps could have finished.
+    # queue; the other worker takes it at once, long before the 200 steps could have finished.
     print(f"\nSIGTERM -> running on another worker: {handed:.2f} s")
     assert handed <= BEAT + 3, handed
     victim.popen.wait(30)  # the worker exits without waiting for the job
     assert r.holder(job_id) is not victim
-    assert again["progress"]["total"] == 400  # started over, from step 0 of attempt 2
-    r.cancel(job_id)  # that a re-run succeeds is the kill test's point; spare the 400 steps
+    assert again["progress"]["total"] == 200  # started over, from step 0 of attempt 2
+    r.cancel(job_id)  # that a re-run succeeds is the kill test's point; spare the 200 steps
     assert r.stack.wait_job(job_id, timeout=60)["status"] == "canceled"
     r.ensure_workers()
 
