@@ -383,8 +383,23 @@ def _header(rep: dict[str, Any]) -> list[str]:
     ]
 
 
+def summary_table(rep: dict[str, Any]) -> list[str]:
+    """One compact table: success / preservation per kind, every method in both modes."""
+    lines = ["| mode | method | " + " | ".join(KINDS) + " |", "|---|---" + "|---" * len(KINDS) + "|"]
+    for row in rep["report"]:
+        if row["method"] == "inversion round trip":
+            continue
+        cells = " | ".join(
+            f"{float(row['kinds'][k]['success']):.0%} / {float(row['kinds'][k]['preserved']):.0%}"
+            for k in KINDS
+        )
+        lines.append(f"| {row['mode']} | {row['method']} | {cells} |")
+    return lines
+
+
 def write_markdown(rep: dict[str, Any], path: Path) -> None:
     lines = _header(rep)
+    lines += ["Summary (success / preservation):", "", *summary_table(rep), ""]
     for mode in ("real", "synthetic"):
         chosen = rep["chosen"][mode]
         lines += [f"### {mode}", "", f"Chosen: and = {_setting_text(chosen['and'])}; "]
