@@ -1,6 +1,9 @@
 """Editing the built-in model through the service with no edit settings at all: the model's own edit
 defaults (the ``edit`` block of models/shapes/ebca_defaults.json, chosen by benchmarks/bench_editing.py)
-make a colour swap succeed, as the detector reads it, in real-image and in synthetic editing."""
+make the edits succeed, as the detector reads them: a colour swap by real-image editing and a shape
+swap by synthetic editing. The benchmark's report set puts their rates at 36% and 92% (docs/SHAPES.md,
+"Editing benchmark"): the seeds here are ones where they succeed, checked as sources below, so this
+test guards the service path (defaults filled per mode and direction, recorded, used), not the rates."""
 
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = "a red circle"
-# A colour swap as a user writes it: no alpha, alpha_tau or gamma_attn anywhere.
-EDITS = [{"prompt": "a blue circle"}, {"prompt": "a red circle", "direction": "not"}]
-#: Seeds whose source image the detector reads as one red circle (checked below, not assumed).
-SEED = 3000
+# Edits as a user writes them: no alpha, alpha_tau or gamma_attn anywhere.
+EDITS = {
+    "real": [{"prompt": "a blue circle"}, {"prompt": "a red circle", "direction": "not"}],
+    "synthetic": [{"prompt": "a red square"}, {"prompt": "a red circle", "direction": "not"}],
+}
+WANTED = {"real": ("blue", "circle"), "synthetic": ("red", "square")}
+#: Image i of the source job has seed SEED + i; each source must read as one red circle (checked below).
+SEED = 3001
 IMAGES = 2
 
 
@@ -33,8 +40,8 @@ def labels(stack: Stack, image: dict) -> list[tuple[str, str]]:
     return [d.label for d in detect(Image.open(io.BytesIO(blob)).convert("RGB"))]
 
 
-def swapped(found: list[tuple[str, str]]) -> bool:
-    return ("blue", "circle") in found and ("red", "circle") not in found
+def swapped(found: list[tuple[str, str]], mode: str) -> bool:
+    return WANTED[mode] in found and ("red", "circle") not in found
 
 
 def submit(stack: Stack, path: str, body: dict) -> dict:
@@ -45,7 +52,7 @@ def submit(stack: Stack, path: str, body: dict) -> dict:
     return job
 
 
-def test_real_and_synthetic_colour_swaps_use_the_models_edit_defaults(stack: Stack) -> None:
+def test_real_and_synthetic_edits_succeed_with_the_models_edit_defaults(stack: Stack) -> None:
     defaults = json.loads((REPO / "models" / "shapes" / "ebca_defaults.json").read_text())["edit"]
     source = submit(
         stack, "/generate", {"prompt": SOURCE, "model": "shapes", "seed": SEED, "num_images": IMAGES}
@@ -53,7 +60,9 @@ def test_real_and_synthetic_colour_swaps_use_the_models_edit_defaults(stack: Sta
     for image in source["result"]["images"]:
         assert labels(stack, image) == [("red", "circle")], "the source must show one red circle"
 
-    synthetic = submit(stack, "/edit", {"mode": "synthetic", "source_job_id": source["id"], "edits": EDITS})
+    synthetic = submit(
+        stack, "/edit", {"mode": "synthetic", "source_job_id": source["id"], "edits": EDITS["synthetic"]}
+    )
     real = [
         submit(
             stack,
@@ -62,7 +71,7 @@ def test_real_and_synthetic_colour_swaps_use_the_models_edit_defaults(stack: Sta
                 "mode": "real",
                 "model": "shapes",
                 "source_prompt": SOURCE,
-                "edits": EDITS,
+                "edits": EDITS["real"],
                 "image_ref": {"job_id": source["id"], "index": index},
                 "seed": 0,
             },
@@ -72,7 +81,7 @@ def test_real_and_synthetic_colour_swaps_use_the_models_edit_defaults(stack: Sta
     for mode, jobs in (("synthetic", [synthetic]), ("real", real)):
         for job in jobs:
             for image in job["result"]["images"]:
-                assert swapped(labels(stack, image)), (mode, image["seed"], labels(stack, image))
+                assert swapped(labels(stack, image), mode), (mode, image["seed"], labels(stack, image))
                 # The values used are on record: the model's defaults for the mode and direction.
                 for edit in image["settings"]["edits"]:
                     want = defaults[mode][edit["direction"]]
