@@ -20,9 +20,9 @@ Baselines on the same sources, side by side:
 
 Honest selection: the editing settings (alpha, alpha_tau, the editorial gamma_attn) are chosen per
 mode on a *selection* set of sources and reported on a disjoint *report* set (other seeds, other
-data-set samples). "and" settings are chosen on the add edits (the only kind with an "and" prompt
-alone); then "not" settings on remove and both swaps, with the chosen "and" in place. The score is
-the share of edits that both succeed and preserve, averaged over the kinds.
+data-set samples). "and" settings are chosen on the add edits and both swaps (their "not" prompt at
+the middle "not" alpha); then "not" settings on remove and both swaps, with the chosen "and" in
+place. The score is the share of edits that both succeed and preserve, averaged over the kinds.
 
 Writes results/bench_editing.json and .md (whole grid and final table) and results/editing_sheet.png;
 ``--write-defaults`` puts the chosen settings into the model's ebca_defaults.json ("edit").
