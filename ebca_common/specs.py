@@ -110,13 +110,22 @@ class EnergySpec(_Strict):
 
 
 class EditSpec(_Strict):
-    """One CACAO editorial prompt (docs/EBCA.md, "CACAO")."""
+    """One CACAO editorial prompt (docs/EBCA.md, "CACAO").
+
+    ``alpha``, ``alpha_tau`` and ``gamma_attn`` may be null: the worker fills them with the model's
+    edit defaults for the editing mode (real or synthetic) and this prompt's direction
+    (``ebca_common.model_defaults``, listed by GET /models), so the stored request shows the values used.
+    """
 
     prompt: Prompt = _prompt_field("The editorial prompt.")
-    alpha: float = _step_size_field(1.0, "Weight of this prompt's attention")
+    alpha: float | None = _step_size_field(
+        None, "Weight of this prompt's attention; null = the model's default"
+    )
     direction: Direction = Field("and", description="and: conjunction; not: negation.")
-    alpha_tau: float = _fraction_field(0.0, "alpha switches on at int(steps * alpha_tau).")
-    gamma_attn: float = _step_size_field(0.0, "BCU attention step size")
+    alpha_tau: float | None = _fraction_field(
+        None, "alpha switches on at int(steps * alpha_tau); null = the model's default."
+    )
+    gamma_attn: float | None = _step_size_field(None, "BCU attention step size; null = the model's default")
     gamma_norm: float = _step_size_field(0.0, "BCU key-norm step size")
     gamma_tau: float | None = _fraction_field(
         None, "The gammas switch on at int(steps * gamma_tau); null = alpha_tau."
@@ -464,6 +473,17 @@ def _normaliser_stages(
         yield f"once the prompts with alpha_tau <= {tau:g} are on", [(e.direction, e.alpha) for e in on]
 
 
+def _sure_stages(edits: list[EditSpec]) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """With null alphas or alpha_tau (the model's defaults, which the worker knows and ebca_core checks
+    once filled in): only what is refused whatever the defaults are. Every prompt whose alpha_tau is
+    null or < 1 is on at the last step (a default alpha_tau is < 1); a null "not" alpha counts as 0,
+    which can only raise the normaliser; a null "and" alpha can make it anything, so no verdict."""
+    last = [e for e in edits if e.alpha_tau is None or e.alpha_tau < 1.0]
+    if any(e.alpha is None and e.direction == "and" for e in last):
+        return
+    yield "once every prompt is on", [(e.direction, e.alpha or 0.0) for e in last]
+
+
 def check_cacao_normaliser(edits: list[EditSpec], steps: int | None, scheduler: str | None = None) -> None:
     """Reject edits whose CACAO normaliser ``1 + sum(sign * alpha)`` is <= 0 at some U-Net call.
 
@@ -472,8 +492,10 @@ def check_cacao_normaliser(edits: list[EditSpec], steps: int | None, scheduler: 
     """
     if not edits:
         return
+    complete = all(e.alpha is not None and e.alpha_tau is not None for e in edits)
+    stages = _normaliser_stages(edits, steps, scheduler) if complete else _sure_stages(edits)
     try:
-        params.check_cacao_normaliser(_normaliser_stages(edits, steps, scheduler))
+        params.check_cacao_normaliser(stages)
     except ParameterError as exc:
         raise _refused(exc) from None
 

@@ -28,7 +28,7 @@ from ebca_common import params
 from ebca_common.errors import ServiceError, ValidationFailed
 from ebca_common.images import encode_image, sha256_hex
 from ebca_common.jobs import ImageResult, JobError, JobRecord, JobResult, JobStatus, Progress
-from ebca_common.model_defaults import fill_defaults
+from ebca_common.model_defaults import EditMode, fill_defaults
 from ebca_common.refs import resolve_ref
 from ebca_common.specs import (
     MAX_SEED,
@@ -83,7 +83,8 @@ def energy_config(spec: EnergySpec | None) -> EnergyConfig | None:
 
 
 def editorial_prompts(edits: list[EditSpec]) -> list[EditorialPrompt]:
-    """EditSpec -> EditorialPrompt: the same fields, by the same names."""
+    """EditSpec -> EditorialPrompt: the same fields, by the same names (the model's edit defaults are
+    filled in by then: ``fill_defaults``)."""
     return [EditorialPrompt(**e.model_dump()) for e in edits]
 
 
@@ -244,8 +245,9 @@ class JobRunner:
         stored = record.plan if mode.field == "plan" and record.plan is not None else record.request
         request: Any = stored_request(mode.model, stored)
         pipe = self.cache.get(request.model)
-        # Null sampler settings take the model's defaults; the record then shows the values used.
-        job.request = request = fill_defaults(request, self.cache.defaults(request.model), pipe.default_size)
+        # Null sampler and edit settings take the model's defaults; the record then shows the values used.
+        defaults = self.cache.defaults(request.model)
+        job.request = request = fill_defaults(request, defaults, pipe.default_size, edit_mode=mode.edit_mode)
         # The webhook belongs to the job (its record), not to what reproduces an image.
         job.data = request.model_dump(mode="json", exclude={"webhook", "webhook_events"})
         # All images of the job run in one batch: image i draws from its own generator seeded seed + i,
@@ -457,19 +459,21 @@ def _real_edit(runner: JobRunner, request: RealEditRequest) -> tuple[str, dict[s
 @dataclass(frozen=True)
 class Mode:
     """How a job mode runs: its stored request's model, the record field holding it, the endpoint an
-    image's settings replay through, and its handler."""
+    image's settings replay through, its handler, and which edit defaults its editorial prompts take."""
 
     model: type[BaseModel]
     field: str
     endpoint: str
     handler: Handler
+    edit_mode: EditMode | None = None
 
 
 MODES: dict[str, Mode] = {
-    "generate": Mode(GenerateRequest, "request", "/generate", _generate),
-    "synthetic": Mode(GenerateRequest, "plan", "/generate", _generate),
+    # A generate request with edits is synthetic editing too (docs/EBCA.md, "Tasks").
+    "generate": Mode(GenerateRequest, "request", "/generate", _generate, "synthetic"),
+    "synthetic": Mode(GenerateRequest, "plan", "/generate", _generate, "synthetic"),
     "inpaint": Mode(InpaintRequest, "request", "/edit", _inpaint),
-    "real": Mode(RealEditRequest, "request", "/edit", _real_edit),
+    "real": Mode(RealEditRequest, "request", "/edit", _real_edit, "real"),
 }
 
 

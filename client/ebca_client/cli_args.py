@@ -162,7 +162,8 @@ def _add_edit_option(p: argparse.ArgumentParser, *, required_hint: bool) -> None
         action="append",
         metavar="PROMPT[;KEY=VALUE...]",
         help="editorial prompt, repeatable; options alpha, direction (and|not), alpha_tau, gamma_attn, "
-        "gamma_norm, gamma_tau, e.g. 'monet painting;alpha=1.3;alpha_tau=0.2'"
+        "gamma_norm, gamma_tau (alpha, alpha_tau, gamma_attn left out: the model's edit defaults), e.g. "
+        "'a blue circle' or 'monet painting;alpha=1.3;alpha_tau=0.2'"
         + (" (at least one)" if required_hint else ""),
     )
 

@@ -54,13 +54,14 @@ class EnergySpec(_Request):
 
 
 class EditSpec(_Request):
-    """One CACAO editorial prompt."""
+    """One CACAO editorial prompt. ``alpha``, ``alpha_tau`` and ``gamma_attn`` left None take the model's
+    edit defaults for the editing mode and direction (GET /models lists them)."""
 
     prompt: str
-    alpha: float = 1.0
+    alpha: float | None = None
     direction: Literal["and", "not"] = "and"
-    alpha_tau: float = 0.0
-    gamma_attn: float = 0.0
+    alpha_tau: float | None = None
+    gamma_attn: float | None = None
     gamma_norm: float = 0.0
     gamma_tau: float | None = None
 

@@ -14,10 +14,12 @@ from testkeys import TestKeys
 from api.main import create_app
 from ebca_common.errors import Unavailable
 from ebca_common.jobs import JobStatus, unix_time
+from ebca_common.model_defaults import ModelDefaults
 from ebca_common.settings import Settings
 from ebca_common.store import JobStore
 
 AUTH = TestKeys.header(TestKeys.alice)
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeQueue:
@@ -196,3 +198,17 @@ def test_timeout_seconds_default_and_deadline(app_parts) -> None:
     edit = {"mode": "inpaint", "prompt": "a bear", "image_ref": {"job_id": "x", "index": 0}}
     too_long = client.post("/edit", json={**edit, "timeout_seconds": 3601})
     assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "timeout_seconds"
+
+
+def test_models_lists_each_models_edit_defaults(app_parts) -> None:
+    client, store = app_parts
+    # No worker has published yet: the api reads the model's own file (the built-in model's edit block).
+    shapes = {m["id"]: m for m in client.get("/models").json()["models"]}["shapes"]
+    written = json.loads((REPO / "models" / "shapes" / "ebca_defaults.json").read_text())["edit"]
+    assert shapes["defaults"]["edit"] == written
+    assert set(written["real"]) == set(written["synthetic"]) == {"and", "not"}
+    # What a worker publishes wins; a model without an edit block lists the paper's SD values.
+    store.publish_model_defaults({"shapes": ModelDefaults().model_dump(mode="json")})
+    listed = client.get("/models").json()["models"][0]["defaults"]["edit"]
+    assert listed["real"]["and"] == {"alpha": 0.75, "alpha_tau": 0.3, "gamma_attn": 5e-4}
+    assert listed["synthetic"]["and"] == {"alpha": 1.3, "alpha_tau": 0.2, "gamma_attn": 0.0}

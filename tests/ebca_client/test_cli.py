@@ -59,9 +59,9 @@ def test_generate_maps_flags_to_the_documented_body_and_saves(api: FakeAPI, tmp_
         "token_weights": {"crown": 2.5, "5": 1.5},
     }
     assert (body["steps"], body["seed"]) == (7, 3)
-    assert [(e["prompt"], e["alpha"], e["direction"], e["alpha_tau"]) for e in body["edits"]] == [
+    assert [(e["prompt"], e.get("alpha"), e["direction"], e.get("alpha_tau")) for e in body["edits"]] == [
         ("monet painting", 1.3, "and", 0.2),
-        ("blur", 1.0, "not", 0.0),
+        ("blur", None, "not", None),  # not sent: the model's edit defaults apply
     ]
     saved = Path(out.strip())
     assert saved.parent == tmp_path and saved.read_bytes() == api.image

@@ -78,14 +78,8 @@ def test_mappings_pass_through_as_given_and_extra_adds_fields(api: FakeAPI, clie
     }
     assert second["edits"] == [
         {"prompt": "fog", "alpha": 0.5},
-        {
-            "prompt": "rain",
-            "alpha": 1.0,
-            "direction": "and",
-            "alpha_tau": 0.0,
-            "gamma_attn": 0.0,
-            "gamma_norm": 0.0,
-        },
+        # alpha, alpha_tau and gamma_attn left None: the model's edit defaults, so they are not sent.
+        {"prompt": "rain", "direction": "and", "gamma_norm": 0.0},
     ]
     assert (second["mode"], second["source_job_id"]) == ("synthetic", "j" * 8)
 

@@ -91,14 +91,7 @@ def test_generate_body_sends_only_given_fields(api: FakeAPI, client: Client) -> 
         },
         "edits": [
             {"prompt": "monet painting"},  # a bare string leaves the edit options to the server
-            {
-                "prompt": "crown",
-                "alpha": 1.3,
-                "direction": "not",
-                "alpha_tau": 0.0,
-                "gamma_attn": 0.0,
-                "gamma_norm": 0.0,
-            },
+            {"prompt": "crown", "alpha": 1.3, "direction": "not", "gamma_norm": 0.0},  # None: not sent
         ],
     }
 

@@ -75,6 +75,7 @@ IMAGES = {"image": png(), "mask": half_mask()}
 
 BEAR = {"bear": 2.0}
 NOT_B = {"prompt": "b", "alpha": 1.5, "direction": "not"}
+NOT_B_FROM_0 = {**NOT_B, "alpha_tau": 0.0}
 NOT_CAT = {"prompt": "cat", "alpha": 0.7, "direction": "not"}
 
 
@@ -161,7 +162,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, bytes] | None]] = [
     ("edits", {**GEN, "edits": [{"prompt": "a"}] * 5}, None),
     ("edits", edit(alpha=1.5, direction="not"), None),  # normaliser -0.5 from step 0
     ("edits", edit(alpha=0.9, direction="not"), None),
-    ("edits", {**GEN, "edits": [{"prompt": "a", "alpha_tau": 0.5}, NOT_B]}, None),  # -0.5 before step 2
+    # Explicit alphas and taus: the same verdict on both sides (null ones: the model's defaults).
+    ("edits", {**GEN, "edits": [{"prompt": "a", "alpha": 1, "alpha_tau": 0.5}, NOT_B_FROM_0]}, None),
     ("edits", {**GEN, "edits": [{"prompt": "a"}, {**NOT_B, "alpha_tau": 0.5}]}, None),
     ("edits", {**edit(alpha=1.5, direction="not", alpha_tau=1.0), "scheduler": "ddim"}, None),  # never on
     ("edits", {**edit(alpha=1.5, direction="not", alpha_tau=1.0), "scheduler": "pndm"}, None),  # on at T
@@ -267,7 +269,7 @@ def core_refusal(
     """What ebca_core says to the same request, converted as the worker converts it."""
     mode = MODES[body.get("mode", "generate")]
     request: Any = stored_request(mode.model, {"num_images": 1, "output_format": "png", **body})
-    request = fill_defaults(request, BUILTIN_DEFAULTS, pipe.default_size)
+    request = fill_defaults(request, BUILTIN_DEFAULTS, pipe.default_size, edit_mode=mode.edit_mode)
     method, arguments = mode.handler(Uploads(uploads), request)  # type: ignore[arg-type]
     try:
         pipe.check_inputs(
@@ -351,5 +353,6 @@ def test_the_rest_bounds_are_the_limits_the_core_applies() -> None:
     steps = next(s for s in fields["steps"]["anyOf"] if s.get("type") == "integer")
     assert steps["maximum"] == REST_LIMITS.max_steps
     edit_schema = schema["$defs"]["EditSpec"]["properties"]
-    assert edit_schema["alpha"]["maximum"] == REST_LIMITS.max_step_size
+    alpha = next(s for s in edit_schema["alpha"]["anyOf"] if s.get("type") == "number")  # null = default
+    assert alpha["maximum"] == REST_LIMITS.max_step_size
     assert fields["prompt"]["maxLength"] == REST_LIMITS.max_prompt_chars

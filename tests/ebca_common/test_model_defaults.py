@@ -11,6 +11,7 @@ import pytest
 from ebca_common.errors import ValidationFailed
 from ebca_common.model_defaults import (
     BUILTIN_DEFAULTS,
+    PAPER_EDIT_DEFAULTS,
     ModelDefaults,
     configured_defaults,
     fill_defaults,
@@ -91,3 +92,75 @@ def test_the_normaliser_without_steps_checks_every_set_of_prompts_some_step_coun
     # ...and with a count that separates them, the exact per-step check refuses it too.
     with pytest.raises(ValidationFailed, match="at step 1"):
         check_cacao_normaliser(early_not, 5)
+
+
+def test_edit_defaults_are_typed_per_mode_and_direction_and_sd_keeps_the_papers_values() -> None:
+    paper = BUILTIN_DEFAULTS.edit
+    assert paper == PAPER_EDIT_DEFAULTS
+    assert (paper.real.and_.alpha, paper.real.not_.alpha, paper.real.and_.alpha_tau) == (0.75, 0.65, 0.3)
+    assert (paper.synthetic.and_.alpha, paper.synthetic.and_.alpha_tau) == (1.3, 0.2)
+    # The JSON shape the web page reads: {"synthetic": {"and": {...}, "not": {...}}, "real": {...}}.
+    dumped = BUILTIN_DEFAULTS.model_dump(mode="json")["edit"]
+    assert set(dumped) == {"synthetic", "real"}
+    assert dumped["real"]["not"] == {"alpha": 0.65, "alpha_tau": 0.3, "gamma_attn": 5e-4}
+    # The shipped model has its own block, read as written in its file.
+    raw = json.loads((SHAPES / "ebca_defaults.json").read_text())["edit"]
+    assert read_model_defaults(str(SHAPES)).model_dump(mode="json")["edit"] == raw
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"real": {"and": {"alpha": 1.0, "alpha_tau": 0.0}}},  # a mode without "not", no synthetic
+        {
+            "real": {"and": {"alpha": 1, "alpha_tau": 0}, "not": {"alpha": 1.2, "alpha_tau": 0}},
+            "synthetic": {"and": {"alpha": 1, "alpha_tau": 0}, "not": {"alpha": 0.5, "alpha_tau": 0}},
+        },  # a lone "not" at alpha 1.2 would always be refused
+    ],
+)
+def test_an_unusable_edit_block_falls_back_to_the_builtin_defaults(
+    tmp_path: Path, edit: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ebca_defaults.json").write_text(json.dumps({"num_inference_steps": 9, "edit": edit}))
+    with caplog.at_level(logging.WARNING, logger="ebca.models"):
+        assert read_model_defaults(str(tmp_path)) == BUILTIN_DEFAULTS
+    assert "edit" in caplog.text
+
+
+def test_fill_defaults_fills_null_edit_settings_by_mode_and_direction() -> None:
+    real = parse_edit(
+        {
+            "mode": "real",
+            "source_prompt": "a red circle",
+            "edits": [
+                {"prompt": "a blue circle"},
+                {"prompt": "a red circle", "direction": "not", "alpha": 0.3},
+            ],
+        }
+    )
+    filled = fill_defaults(real, BUILTIN_DEFAULTS, (32, 32), edit_mode="real")
+    first, second = filled.edits
+    assert (first.alpha, first.alpha_tau, first.gamma_attn) == (0.75, 0.3, 5e-4)
+    assert (second.alpha, second.alpha_tau, second.gamma_attn) == (0.3, 0.3, 5e-4)  # given alpha kept
+    synthetic = parse_generate(
+        {"prompt": "a red circle", "edits": [{"prompt": "a blue circle", "alpha_tau": 0.5}]}
+    )
+    (edit,) = fill_defaults(synthetic, BUILTIN_DEFAULTS, (32, 32), edit_mode="synthetic").edits
+    assert (edit.alpha, edit.alpha_tau, edit.gamma_attn) == (1.3, 0.5, 0.0)
+    # Without a mode (inpainting has no edits) nothing of the edits changes.
+    (untouched,) = fill_defaults(synthetic, BUILTIN_DEFAULTS, (32, 32)).edits
+    assert (untouched.alpha, untouched.gamma_attn) == (None, None)
+
+
+def test_the_api_leaves_the_normaliser_of_null_alphas_to_the_worker() -> None:
+    # Two "not" prompts at the default 0.65 would be refused, but only the worker knows the default;
+    # explicit values are still checked at submission.
+    check_cacao_normaliser([EditSpec(prompt="a", direction="not"), EditSpec(prompt="b", direction="not")], 20)
+    with pytest.raises(ValidationFailed) as caught:
+        check_cacao_normaliser([EditSpec(prompt="a", direction="not", alpha=1.5, alpha_tau=0.0)], 20)
+    assert caught.value.field == "edits"
+    # A given "not" alpha that is refused whenever it switches on (a default alpha_tau is < 1).
+    with pytest.raises(ValidationFailed, match="once every prompt is on"):
+        check_cacao_normaliser([EditSpec(prompt="a", direction="not", alpha=1.5)], None)
+    # A null "and" alpha could outweigh it: no verdict before the defaults are known.
+    check_cacao_normaliser([EditSpec(prompt="a", direction="not", alpha=1.5), EditSpec(prompt="b")], None)

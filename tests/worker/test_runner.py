@@ -350,6 +350,10 @@ def test_a_real_image_edit_runs_from_the_stored_upload(
     )
     assert runner.run(job.id) == "succeeded", store.get(job.id).error
     assert store.get(job.id).result.images[0].settings["source_prompt"] == "a red circle"
+    # The edit left alpha, alpha_tau and gamma_attn null: the record shows the model's real-image "and"
+    # defaults (the tiny model has no ebca_defaults.json, so the paper's Stable Diffusion values).
+    (edit,) = store.get(job.id).request["edits"]
+    assert (edit["alpha"], edit["alpha_tau"], edit["gamma_attn"]) == (0.75, 0.3, 5e-4)
 
 
 def stored_pixels(settings: Settings, key: str) -> Any:
