@@ -375,17 +375,7 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         part_seeds = [_seeds(p.seed, p.num_images) for p in parts]
         generators = _generators([seed for seeds in part_seeds for seed in seeds])
         prompt_embeds, negative_embeds = self._batch_conditioning(parts)
-        run = DenoiseRun(
-            scheduler=first.scheduler,
-            timesteps=first.timesteps,
-            num_inference_steps=first.num_inference_steps,
-            prompt_embeds=prompt_embeds,
-            negative_embeds=negative_embeds,
-            guidance_scale=first.guidance_scale,
-            generators=generators,
-            state=None,
-            callback=first.callback,
-        )
+        run = _denoise_run(first, prompt_embeds, negative_embeds, generators)
         latents = self._noise(generators, first.latent_shape) * first.scheduler.init_noise_sigma
         if any(p.energy is not None for p in parts):
             run.state = EBCAState(
@@ -426,17 +416,7 @@ class EBCAPipeline(CheckInputsMixin, TaskStepsMixin):
         generators = _generators(seeds)
         # 3. Conditioning: the text embeddings of every row.
         prompt_embeds, negative_embeds = self._conditioning(inputs)
-        run = DenoiseRun(
-            scheduler=inputs.scheduler,
-            timesteps=inputs.timesteps,
-            num_inference_steps=inputs.num_inference_steps,
-            prompt_embeds=prompt_embeds,
-            negative_embeds=negative_embeds,
-            guidance_scale=inputs.guidance_scale,
-            generators=generators,
-            state=None,
-            callback=inputs.callback,
-        )
+        run = _denoise_run(inputs, prompt_embeds, negative_embeds, generators)
         # 4. Latents: seeded noise, given latents or the inverted image, and the task's U-Net input.
         latents, region_mask = self._prepare_latents(inputs, run)
         # 5. EBCA state: energy, token weights and editorial prompts of this call (None = plain run).
@@ -521,3 +501,24 @@ def _format(images: np.ndarray | None, output_type: str) -> list[PIL.Image.Image
     if images is None:
         return None
     return numpy_to_pil(images) if output_type == "pil" else images
+
+
+def _denoise_run(
+    inputs: CallInputs,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    generators: list[torch.Generator],
+) -> DenoiseRun:
+    """The denoising loop's inputs for a call (or a batch: ``inputs`` is its first part, whose sampling
+    settings every part shares); the EBCA state is added by the caller."""
+    return DenoiseRun(
+        scheduler=inputs.scheduler,
+        timesteps=inputs.timesteps,
+        num_inference_steps=inputs.num_inference_steps,
+        prompt_embeds=prompt_embeds,
+        negative_embeds=negative_embeds,
+        guidance_scale=inputs.guidance_scale,
+        generators=generators,
+        state=None,
+        callback=inputs.callback,
+    )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,17 @@ class Stack:
         return sum(1 for _ in self.redis.scan_iter(match="ebca:job:*", count=500))
 
 
+@contextmanager
+def serving(s: Stack, pool: str = "solo") -> Iterator[Stack]:
+    """The stack's api and one worker (``pool``) for the duration; everything stopped after."""
+    try:
+        s.start_api()
+        s.start_worker(pool=pool)
+        yield s
+    finally:
+        s.shutdown()
+
+
 @pytest.fixture(scope="session")
 def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("service-logs")
@@ -350,12 +362,8 @@ def s3_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, moto_url: str)
     }
     s = _make_stack("s3", 1, extra, redis_port, logdir)
     s.s3 = s3  # type: ignore[attr-defined]
-    try:
-        s.start_api()
-        s.start_worker()
+    with serving(s):
         yield s
-    finally:
-        s.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -371,12 +379,8 @@ def events_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_f
         "EBCA_EVENTS_KEEPALIVE_SECONDS": "1",
     }
     s = _make_stack("events", 3, extra, redis_port, logdir)
-    try:
-        s.start_api()
-        s.start_worker()
+    with serving(s):
         yield s
-    finally:
-        s.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -385,12 +389,8 @@ def prefork_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path_
     extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("prefork-storage")),
              "EBCA_DEFAULT_MODEL": str(tiny_model_dir)}  # fmt: skip
     s = _make_stack("prefork", 2, extra, redis_port, logdir)
-    try:
-        s.start_api()
-        s.start_worker(pool="prefork")
+    with serving(s, pool="prefork"):
         yield s
-    finally:
-        s.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -399,12 +399,8 @@ def batching_stack(redis_port: int, logdir: Path, tiny_model_dir: Path, tmp_path
     extra = {"EBCA_STORAGE_URL": str(tmp_path_factory.mktemp("batching-storage")),
              "EBCA_DEFAULT_MODEL": str(tiny_model_dir), "EBCA_MAX_BATCH": "8"}  # fmt: skip
     s = _make_stack("batching", 5, extra, redis_port, logdir)
-    try:
-        s.start_api()
-        s.start_worker()
+    with serving(s):
         yield s
-    finally:
-        s.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -443,3 +439,10 @@ def running_at_step(n: int, attempts: int | None = None) -> Callable[[dict[str, 
         )
 
     return check
+
+
+def submit(stack: Stack, body: dict[str, Any]) -> str:
+    """POST /generate with the stack's key; the new job's id (a 202 is asserted)."""
+    response = stack.post("/generate", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from conftest import submit
 from PIL import Image
 from testkeys import TestKeys
 
@@ -35,12 +36,6 @@ def jobs_to_batch(steps: int = STEPS) -> list[dict[str, Any]]:
         {"prompt": "a green circle", "seed": 13, "steps": steps, "num_images": 2,
          "energy": {"gamma_attn": 0.2, "schedule": {"kind": "exp", "tau": 0.5}}},
     ]  # fmt: skip
-
-
-def submit(stack: Stack, body: dict[str, Any]) -> str:
-    response = stack.post("/generate", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 def behind_a_busy_worker(stack: Stack, bodies: list[dict[str, Any]]) -> list[str]:

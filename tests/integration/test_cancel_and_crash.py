@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import running_at_step
+from conftest import running_at_step, submit
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -18,12 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: A job that takes several seconds with the tiny model on one CPU thread (200 steps at 32x32).
 SLOW = {"prompt": "a red circle", "steps": 200, "seed": 1}
 QUICK = {"prompt": "a cat", "steps": 2, "seed": 1}
-
-
-def submit(stack: Stack, body: dict[str, Any]) -> str:
-    response = stack.post("/generate", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 def ensure_workers(stack: Stack, count: int = 2) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from conftest import submit
 from testkeys import TestKeys
 
 from ebca_client import Client
@@ -24,12 +25,6 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 #: Long enough that the jobs behind it are seen waiting in line (the tiny model on CPU).
 BUSY = {"prompt": "a red circle", "steps": 200, "seed": 1, "width": 32, "height": 32}
 SHORT = {"prompt": "a blue square", "steps": 12, "seed": 2, "width": 32, "height": 32}
-
-
-def submit(stack: Stack, body: dict[str, Any]) -> str:
-    response = stack.post("/generate", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 def read_stream(

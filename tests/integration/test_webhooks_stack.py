@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import submit
 from webhook_receiver import Receiver, documented_verify
 
 from ebca_client import verify_webhook
@@ -24,12 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: A job that runs for a few seconds on the tiny model (several progress deliveries at 1 per second).
 LONG = {"prompt": "a red circle", "steps": 200, "seed": 3, "width": 32, "height": 32}
 SHORT = {"prompt": "a blue square", "steps": 8, "seed": 4, "width": 32, "height": 32}
-
-
-def submit(stack: Stack, body: dict[str, Any]) -> str:
-    response = stack.post("/generate", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
