@@ -8,8 +8,8 @@ per second for ``--seconds`` (a request is sent on schedule whether or not the e
 answered, so a slow server shows as latency, not as a lower rate). Phases alternate auth off / auth
 on, ``--rounds`` times each, so that both see the same machine load, each from an empty store. With
 auth on, each request carries a user key whose limits are set far above the load: the key lookup, the
-revocation check and the quota script all run, nothing is refused. Prints p50/p99/max per mode and the ratio of the p99s,
-and writes results/bench_submit_latency.{json,md}.
+revocation check and the quota script all run, nothing is refused. Prints p50/p99/max per mode and the
+ratio of the p99s, and writes results/bench_submit_latency.{json,md}.
 """
 
 from __future__ import annotations
