@@ -159,6 +159,9 @@ class EventServer:
                     self.closed_by_client += 1
                     return
         except (BrokenPipeError, ConnectionResetError):
+            # The client hung up while chunks were still being written (a client that stops reading
+            # after the first event may close before the second chunk goes out).
+            self.closed_by_client += 1
             return
 
     def script(self, *connections: Connection) -> None:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 from PIL import Image
 from testkeys import TestKeys
@@ -101,7 +102,16 @@ def test_generate_end_to_end(stack: Stack, generated: dict) -> None:
 def test_generate_reproduces_each_image_alone(stack: Stack, generated: dict) -> None:
     for image in generated["result"]["images"]:
         assert image["settings_endpoint"] == "/generate"
-        assert hashlib.sha256(reproduce(stack, image)).hexdigest() == image["sha256"]
+        assert_reproduced(stack.get(image["url"], timeout=10).content, reproduce(stack, image))
+
+
+def assert_reproduced(original: bytes, again: bytes) -> None:
+    """An image of a batch, made again alone from its settings: float32 sums blocked differently (~1e-6
+    relative) may move a saved 8-bit channel by one level, never more (docs/API.md, "Reproducibility");
+    another seed or a leaked setting changes pixels by far more. (A one-image job reproduces byte for
+    byte: the same batch composition on the same machine; those tests compare bytes.)"""
+    a, b = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), dtype=np.int16) for d in (original, again))
+    assert a.shape == b.shape and int(abs(a - b).max()) <= 1
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -132,7 +142,7 @@ def test_synthetic_edit(stack: Stack, generated: dict) -> None:
     assert image["settings_endpoint"] == "/generate"
     assert image["settings"]["prompt"] == generated["request"]["prompt"]
     assert image["settings"]["edits"][0]["prompt"] == "monet painting"
-    assert hashlib.sha256(reproduce(stack, image)).hexdigest() == image["sha256"]
+    assert_reproduced(stack.get(image["url"], timeout=10).content, reproduce(stack, image))
 
 
 def test_inpaint_with_uploads(stack: Stack) -> None:
