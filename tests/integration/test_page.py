@@ -75,7 +75,9 @@ class PageRun:
 @pytest.fixture
 def run(browser: Any, stack: Stack, request: pytest.FixtureRequest) -> Iterator[PageRun]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    # Reduced motion: the page then scrolls without animation, so an element's box read by the test is
+    # where it stays while the mouse acts on it (app code honours prefers-reduced-motion).
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, reduced_motion="reduce")
     page = context.new_page()
     page.set_default_timeout(JOB_TIMEOUT_MS)
     r = PageRun(page, request.node.name.removeprefix("test_"))
@@ -144,6 +146,14 @@ def test_compare_runs_the_same_seed_with_ebca_off_and_on(run: PageRun) -> None:
     assert run.failed == []
 
 
+def _canvas_rgb(page: Any, x: int, y: int) -> list[int]:
+    return page.evaluate(
+        "([x, y]) => [...document.querySelector('#paint-canvas').getContext('2d')"
+        ".getImageData(x, y, 1, 1).data.slice(0, 3)]",
+        [x, y],
+    )
+
+
 def test_paint_a_mask_and_inpaint(run: PageRun, stack: Stack) -> None:
     page = run.page
     _set_prompt(page, "a red circle")
@@ -152,21 +162,33 @@ def test_paint_a_mask_and_inpaint(run: PageRun, stack: Stack) -> None:
     card.locator(".result img").wait_for()
     card.locator(".edit-this").click()
     page.click("#tab-inpaint")
+    assert page.get_attribute("#tab-inpaint", "aria-selected") == "true"
+    page.wait_for_selector("#paint-canvas[data-ready='true']")
+    # The drawing canvas is 256 px on screen; seed 3's circle lies in its lower right, so the upper
+    # left is black background where the mask's pink tint is unambiguous.
+    assert _canvas_rgb(page, 60, 60) == [0, 0, 0]
     canvas = page.locator("#paint-canvas")
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + 40, box["y"] + 40)
     page.mouse.down()
     page.mouse.move(box["x"] + 200, box["y"] + 200, steps=12)
     page.mouse.up()
-    painted = page.evaluate(
-        "() => { const c = document.querySelector('#paint-canvas').getContext('2d');"
-        " const d = c.getImageData(128, 128, 1, 1).data; return [d[0], d[1], d[2]]; }"
-    )
-    assert painted[0] > painted[1]  # the pink tint of the painted region
+    for x, y in ((60, 60), (100, 100)):  # on the stroke: tinted pink (red and blue up, green none)
+        red, green, blue = _canvas_rgb(page, x, y)
+        assert red > 100 and blue > 40 and green < 30, (x, y, red, green, blue)
+    assert _canvas_rgb(page, 230, 20) == [0, 0, 0]  # off the stroke: untouched
     run.shot("mask")
     page.fill("#inpaint-prompt", "a blue square")
     page.click("#inpaint-btn")
     edited = page.locator("#results .job", has_text="inpaint: a blue square")
+    # Either the card appears or the page says why not (a 422 in #edit-error): fail with the reason.
+    page.wait_for_function(
+        "() => !document.querySelector('#edit-error').hidden"
+        " || [...document.querySelectorAll('#results .job h3')]"
+        ".some(h => h.textContent.startsWith('inpaint:'))"
+    )
+    assert page.locator("#edit-error").is_hidden(), page.inner_text("#edit-error")
     edited.locator(".result img").wait_for()
     job = stack.job(edited.get_attribute("data-job-id"), key=KEY)
     assert job["mode"] == "inpaint" and job["status"] == "succeeded"

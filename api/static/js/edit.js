@@ -48,9 +48,11 @@ export class EditPanel {
     this.sourceJob = job.kind === "generate" ? job.id : null;
     $("#synthetic-source").textContent = this.sourceJob || "(only generate jobs)";
     $("#edit-hint").textContent = `Editing image ${image.index} of job ${job.id} (seed ${image.seed}).`;
-    await this.loadImage(blob);
+    // The tab first: a tab the user picks while the image decodes must not be switched away from.
     this.showTab(this.sourceJob ? "tab-synthetic" : "tab-inpaint");
-    this.root.scrollIntoView({ behavior: "smooth", block: "start" });
+    const reduced = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+    this.root.scrollIntoView({ behavior: reduced ? "auto" : "smooth", block: "start" });
+    await this.loadImage(blob);
   }
 
   async loadUpload(file) {
@@ -58,10 +60,12 @@ export class EditPanel {
   }
 
   async loadImage(blob) {
+    delete this.canvas.dataset.ready;
     this.image = await createImageBitmap(blob);
     this.mask.width = this.image.width;
     this.mask.height = this.image.height;
     this.clearMask();
+    this.canvas.dataset.ready = "true"; // the image is drawn and can be painted on
   }
 
   clearMask() {
